@@ -1,0 +1,69 @@
+"""Editor (a method) and Edited (a model with an edit applied, possibly different per batch row)."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from meg_harness.data.edit_case import EditCase
+from meg_harness.evaluate.templates import QueryTemplate
+
+
+class Edited:
+    """A model as the evaluator sees it after an edit.
+
+    Static weight edits change the model once; per-query methods (MeG) override :meth:`rows`, which
+    the evaluator enters around every forward/generate call with the raw question of each batch row,
+    in batch order. Inside it, row ``b`` of the model's input carries the modification for
+    ``questions[b]`` (for every position, generated tokens included).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @contextlib.contextmanager
+    def rows(self, questions: Sequence[str]) -> Iterator[None]:
+        """Attach per-row modifications for one batch; the default (static or no edit) does nothing."""
+        yield
+
+    def routed(self, questions: Sequence[str]) -> list[bool] | None:
+        """Which rows receive an edit (MeG's familiarity routing); ``None`` when not meaningful."""
+        return None
+
+    def restore(self) -> None:
+        """Undo the edit on ``self.model`` (bit-exact for weight-editing methods)."""
+
+
+class Editor(ABC):
+    """A knowledge-editing method, built from hyper-parameters (an EasyEdit-style YAML's contents)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, hparams: dict[str, Any] | None = None) -> None:
+        self.hparams = dict(hparams or {})
+
+    @abstractmethod
+    def fit(self, model: Any, tokenizer: Any, cases: Sequence[EditCase], template: QueryTemplate) -> Edited:
+        """Edit ``model`` (or train what edits it) so that each case's prompt yields its ``target_new``."""
+
+    def save(self, edited: Edited, directory: Path) -> None:
+        """Write the artifact that :meth:`load` reads back (default: nothing to save)."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def load(cls, directory: Path, model: Any, tokenizer: Any) -> Edited:
+        """Apply a saved artifact to ``model``."""
+        return Edited(model, tokenizer)
+
+
+class NoEdit(Editor):
+    """The unedited model (``none`` in a run config)."""
+
+    name = "none"
+
+    def fit(self, model, tokenizer, cases, template) -> Edited:
+        return Edited(model, tokenizer)

@@ -1,0 +1,1 @@
+"""The one evaluation protocol: TF, AG, locality against the unedited model, Score."""

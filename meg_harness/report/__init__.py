@@ -1,0 +1,1 @@
+"""Reports from result files: leaderboards (and, later, the paper's tables and figures)."""

@@ -1,0 +1,158 @@
+"""Leaderboards: one row per method (grouped by model, dataset and scale), mean +- std over seeds."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from meg_harness.errors import HarnessError
+from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
+
+COLUMN_TITLES = {
+    "reliability_ag": "Rel AG",
+    "reliability_tf": "Rel TF",
+    "generality_ag": "Gen AG",
+    "generality_tf": "Gen TF",
+    "locality_ag": "Loc AG",
+    "locality_tf": "Loc TF",
+    "score": "Score",
+}
+FORMATS = ("md", "csv", "latex")
+
+
+@dataclass(frozen=True)
+class Row:
+    group: tuple[str, str, str]  # (model, dataset, n_edits)
+    method: str
+    values: dict[str, float]
+    stds: dict[str, float]
+    n_seeds: int
+
+
+def collect_rows(directory: Path) -> list[Row]:
+    """Every ``<method>/metrics.json`` (the seed-averaged files) under ``directory``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise HarnessError("not a directory of results", file=directory)
+    rows = []
+    for path in sorted(directory.rglob("metrics.json")):
+        if path.parent.name.startswith("seed") or any(p.startswith(".") for p in path.parts):
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise HarnessError(f"unreadable result file: {error}", file=path) from None
+        if not isinstance(data, dict) or "method" not in data or "config" not in data:
+            continue  # not a seed-averaged result of ours
+        missing = [k for k in ALL_METRIC_KEYS if k not in data]
+        if missing:
+            raise HarnessError("result file lacks a metric", file=path, field=missing[0])
+        config = data["config"]
+        n_edits = data.get("counts", {}).get("cases", config.get("n_edits"))
+        group = (str(config.get("model")), str(config.get("dataset")), str(n_edits))
+        rows.append(
+            Row(
+                group,
+                data["method"],
+                {k: float(data[k]) for k in ALL_METRIC_KEYS},
+                {k: float(data.get(f"{k}_std", math.nan)) for k in ALL_METRIC_KEYS},
+                len(data.get("seeds", [0])),
+            )
+        )
+    if not rows:
+        raise HarnessError("no results found (looked for <method>/metrics.json)", file=directory)
+    return sorted(rows, key=lambda r: (r.group, r.method != "none", -r.values["score"], r.method))
+
+
+def _best(rows: Sequence[Row]) -> dict[str, float]:
+    """Best value per column among edited methods (``none`` is the reference row, never marked)."""
+    edited = [r for r in rows if r.method != "none"] or list(rows)
+    return {k: max(r.values[k] for r in edited) for k in ALL_METRIC_KEYS}
+
+
+def _cell(row: Row, key: str) -> str:
+    text = f"{row.values[key]:.2f}"
+    if not math.isnan(row.stds[key]):
+        text += f" ± {row.stds[key]:.2f}"
+    return text
+
+
+def render(rows: Sequence[Row], fmt: str = "md") -> str:
+    """The leaderboard as markdown, CSV or a LaTeX tabular; best per column in bold (md, latex)."""
+    if fmt not in FORMATS:
+        raise HarnessError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}", field="format")
+    groups: dict[tuple[str, str, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.group, []).append(row)
+    if fmt == "csv":
+        return _csv(rows)
+    return (_markdown if fmt == "md" else _latex)(groups)
+
+
+def _csv(rows: Sequence[Row]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(
+        [
+            "model",
+            "dataset",
+            "n_edits",
+            "method",
+            "n_seeds",
+            *ALL_METRIC_KEYS,
+            *(f"{k}_std" for k in ALL_METRIC_KEYS),
+        ]
+    )
+    for row in rows:
+        stds = ["" if math.isnan(row.stds[k]) else f"{row.stds[k]:.4f}" for k in ALL_METRIC_KEYS]
+        writer.writerow(
+            [*row.group, row.method, row.n_seeds, *(f"{row.values[k]:.4f}" for k in ALL_METRIC_KEYS), *stds]
+        )
+    return buffer.getvalue()
+
+
+def _markdown(groups: dict[tuple[str, str, str], list[Row]]) -> str:
+    lines = []
+    for (model, dataset, n_edits), rows in groups.items():
+        best = _best(rows)
+        lines += [f"### {model} · {dataset} · {n_edits} edits", ""]
+        lines.append("| Method | " + " | ".join(COLUMN_TITLES[k] for k in ALL_METRIC_KEYS) + " |")
+        lines.append("|---|" + "---:|" * len(ALL_METRIC_KEYS))
+        for row in rows:
+            cells = []
+            for key in ALL_METRIC_KEYS:
+                marked = row.method != "none" and len(rows) > 1 and row.values[key] == best[key]
+                cells.append(f"**{_cell(row, key)}**" if marked else _cell(row, key))
+            lines.append(f"| {row.method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _latex(groups: dict[tuple[str, str, str], list[Row]]) -> str:
+    lines = []
+    for (model, dataset, n_edits), rows in groups.items():
+        best = _best(rows)
+        lines.append(f"% {model}, {dataset}, {n_edits} edits")
+        lines.append("\\begin{tabular}{l" + "r" * len(ALL_METRIC_KEYS) + "}")
+        lines.append("\\toprule")
+        lines.append("Method & " + " & ".join(COLUMN_TITLES[k] for k in ALL_METRIC_KEYS) + " \\\\")
+        lines.append("\\midrule")
+        for row in rows:
+            cells = []
+            for key in ALL_METRIC_KEYS:
+                text = _cell(row, key).replace("±", "$\\pm$")
+                marked = row.method != "none" and len(rows) > 1 and row.values[key] == best[key]
+                cells.append(f"\\textbf{{{text}}}" if marked else text)
+            lines.append(row.method.replace("_", "\\_") + " & " + " & ".join(cells) + " \\\\")
+        lines += ["\\bottomrule", "\\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def leaderboard(directory: Path, fmt: str = "md") -> str:
+    """Collect and render in one call."""
+    return render(collect_rows(directory), fmt)

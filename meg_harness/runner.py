@@ -1,0 +1,209 @@
+"""`meg-harness run`: config -> cases -> each method fitted and scored per seed -> result files.
+
+Layout written under OUT (see DESIGN.md): ``<method>/seed<k>/{metrics.json, items.jsonl, artifact/}``
+and ``<method>/metrics.json`` (averaged over seeds). A finished method/seed (its metrics.json exists)
+is not recomputed; each one is written into a temporary folder and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from meg_harness.cache import atomic_write_text, content_hash
+from meg_harness.config import RunConfig, load_hparams
+from meg_harness.data import filter_unknown_facts, load_cases, select_cases
+from meg_harness.data.edit_case import EditCase
+from meg_harness.editing.base import Edited
+from meg_harness.editing.registry import get_editor_class
+from meg_harness.errors import HarnessError
+from meg_harness.evaluate.evaluator import Evaluator, encode_query
+from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
+from meg_harness.evaluate.scoring import Probe, greedy_answers
+from meg_harness.evaluate.templates import get_template
+from meg_harness.models import get_adapter, load_model, model_fingerprint
+from meg_harness.provenance import git_sha, peak_rss_mb, versions
+
+Log = Callable[[str], None]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_experiment(
+    config: RunConfig, out: Path, *, config_source: str = "<config>", log: Log = print
+) -> dict:
+    """Run every method and seed of ``config`` into ``out``; returns {method: averaged metrics}."""
+    out = Path(out)
+    editor_classes = {m: get_editor_class(m) for m in config.methods}  # unknown method: fail before work
+    hparams = {m: load_hparams(config.hparams.get(m), m, config_source) for m in config.methods}
+    all_cases = load_cases(
+        config.dataset, config.data_path, zsre_target=config.zsre_target, cache_dir=config.cache_dir
+    )
+    _check_previous_run(out, config)
+    n_first = None if config.filter_known else config.n_edits  # the A.9 filter samples after filtering
+    selected = {
+        seed: select_cases(all_cases, n_first, seed, config.range, config.one_per_subject)
+        for seed in config.seeds
+    }
+
+    log(f"loading model {config.model} ({config.dtype}, {config.device})")
+    model, tokenizer = load_model(
+        config.model, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir
+    )
+    try:
+        adapter = get_adapter(model)
+    except HarnessError as error:
+        raise HarnessError(error.reason, file=config.model, field="model") from None
+    template = get_template(config.template or adapter.default_template(model, tokenizer))
+    fingerprint = model_fingerprint(model)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else None
+    evaluator = Evaluator(tokenizer, template, batch_size=config.batch_size, cache_dir=cache_dir)
+    unedited = Edited(model, tokenizer)
+
+    cases_per_seed = {}
+    for seed, cases in selected.items():
+        if config.filter_known:
+            cases = _keep_unknown(unedited, evaluator, cases, config, seed)
+        evaluator.check_inputs(model, cases)
+        cases_per_seed[seed] = cases
+    # Everything is validated: from here on, results are written.
+    atomic_write_text(out / "run_config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    for seed, cases in cases_per_seed.items():
+        for method in config.methods:
+            target = out / method / f"seed{seed}"
+            if (target / "metrics.json").is_file():
+                log(f"{method} seed {seed}: already done, skipped ({target})")
+                continue
+            log(f"{method} seed {seed}: {len(cases)} edits")
+            labels = evaluator.locality_labels(unedited, cases, fingerprint)
+            _run_one(
+                editor_classes[method](hparams[method]),
+                model,
+                tokenizer,
+                cases,
+                template,
+                evaluator,
+                labels,
+                target,
+                record={
+                    "method": method,
+                    "seed": seed,
+                    "config": config.to_dict(),
+                    "hparams": hparams[method],
+                    "template": {"name": template.name, "text": template.text},
+                    "model_fingerprint": fingerprint,
+                    "model_family": adapter.family,
+                },
+                seed=seed,
+            )
+            log(f"{method} seed {seed}: " + _headline(json.loads((target / "metrics.json").read_text())))
+
+    summary = {}
+    for method in config.methods:
+        summary[method] = _aggregate(out / method, config.seeds)
+    return summary
+
+
+def _run_one(
+    editor, model, tokenizer, cases, template, evaluator, labels, target: Path, *, record, seed
+) -> None:
+    """Fit, score and save one method/seed; written to a temp folder, renamed into ``target`` at the end."""
+    seed_everything(seed)
+    started = time.perf_counter()
+    edited = editor.fit(model, tokenizer, cases, template)
+    fitted = time.perf_counter()
+    try:
+        metrics, items = evaluator.evaluate(edited, cases, labels)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+        try:
+            editor.save(edited, staging / "artifact")
+            with open(staging / "items.jsonl", "w", encoding="utf-8") as handle:
+                for item in items:
+                    handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+            metrics["timings"]["fit_s"] = fitted - started
+            metrics["resources"] = {"peak_rss_mb": peak_rss_mb()}
+            metrics.update(record, versions=versions(), git_sha=git_sha())
+            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            if target.exists():
+                shutil.rmtree(target)  # an unfinished earlier attempt (no metrics.json)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        edited.restore()
+
+
+def _keep_unknown(
+    unedited: Edited, evaluator: Evaluator, cases: list[EditCase], config: RunConfig, seed: int
+):
+    """Paper A.9: keep the facts the unedited model answers wrongly, then sample ``n_edits`` of them."""
+
+    def answer(prompts: list[str]) -> list[str]:
+        probes = [Probe(p, encode_query(evaluator.tokenizer, evaluator.template, p)) for p in prompts]
+        return [g.text for g in greedy_answers(unedited, probes, config.batch_size)]
+
+    unknown = filter_unknown_facts(cases, answer)
+    return select_cases(unknown, config.n_edits, seed, None, False)
+
+
+def _headline(metrics: dict) -> str:
+    return " ".join(f"{k}={metrics[k]:.2f}" for k in ALL_METRIC_KEYS)
+
+
+def _aggregate(method_dir: Path, seeds: list[int]) -> dict:
+    """Average the per-seed metrics into ``<method>/metrics.json`` (with ``<key>_std`` for several seeds)."""
+    per_seed = [json.loads((method_dir / f"seed{s}" / "metrics.json").read_text()) for s in seeds]
+    first = per_seed[0]
+    averaged: dict[str, Any] = {}
+    for key in ALL_METRIC_KEYS:
+        values = [m[key] for m in per_seed]
+        averaged[key] = math.fsum(values) / len(values)
+        if len(values) > 1:
+            averaged[f"{key}_std"] = statistics.stdev(values)
+    averaged.update(
+        method=first["method"],
+        seeds=seeds,
+        counts=first["counts"],
+        config=first["config"],
+        model_family=first["model_family"],
+        template=first["template"],
+    )
+    atomic_write_text(method_dir / "metrics.json", json.dumps(averaged, indent=2, sort_keys=True) + "\n")
+    return averaged
+
+
+def _check_previous_run(out: Path, config: RunConfig) -> None:
+    """Refuse to mix results of a different config into ``out`` (never overwrite silently)."""
+    previous = out / "run_config.json"
+    if not previous.is_file():
+        return
+    old = json.loads(previous.read_text())
+    new = config.to_dict()
+    ignore = {"methods", "seeds"}  # adding methods or seeds to a finished run is allowed
+    if content_hash({k: v for k, v in old.items() if k not in ignore}) != content_hash(
+        {k: v for k, v in new.items() if k not in ignore}
+    ):
+        changed = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+        raise HarnessError(
+            f"holds results of a different run config (changed: {', '.join(changed)}); use another --out",
+            file=out,
+            field=changed[0] if changed else None,
+        )

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random models built offline, the location of ../shared/data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own cache folder (no state leaks between tests or into ~/.cache)."""
+    monkeypatch.setenv("MEG_HARNESS_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Build (once per session) a tiny random model of an architecture; returns its folder."""
+    from meg_harness.models.tiny import make_tiny_model
+
+    built: dict[str, Path] = {}
+
+    def build(arch: str = "llama") -> Path:
+        if arch not in built:
+            built[arch] = make_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, seed=0)
+        return built[arch]
+
+    return build
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data beside the repository; the test skips when a fresh clone has none."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(
+            f"real benchmark data not found at {SHARED_DATA} (only present in the project's workplace)"
+        )
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_hub():
+    """The hub is unreachable here: fail hub look-ups at once instead of retrying."""
+    import os
+
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+    if previous is None:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    else:
+        os.environ["HF_HUB_OFFLINE"] = previous

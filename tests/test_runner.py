@@ -1,0 +1,127 @@
+"""`meg-harness run` end to end on a tiny model: layout, determinism, resume, refusal to mix configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meg_harness.cli import main
+from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
+
+VOLATILE = {"timings", "resources", "git_sha"}
+
+
+def _records(n: int = 6) -> list[dict]:
+    capitals = [
+        ("France", "Paris", "Rome"),
+        ("Spain", "Madrid", "Lisbon"),
+        ("Italy", "Rome", "Oslo"),
+        ("Norway", "Oslo", "Bern"),
+        ("Greece", "Athens", "Vienna"),
+        ("Peru", "Lima", "Quito"),
+    ]
+    return [
+        {
+            "case_id": i,
+            "requested_rewrite": {
+                "prompt": "The capital of {} is",
+                "subject": country,
+                "target_new": {"str": new},
+                "target_true": {"str": true},
+            },
+            "paraphrase_prompts": [f"{country}'s capital city is", f"What is the capital of {country}?"],
+            "neighborhood_prompts": ["The capital of Chile is", f"The largest city near {true} is"],
+        }
+        for i, (country, true, new) in enumerate(capitals[:n])
+    ]
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_model_dir):
+    def write(**overrides) -> Path:
+        data = tmp_path / "cf.json"
+        data.write_text(json.dumps(_records()))
+        config = {
+            "model": str(tiny_model_dir("gpt2")),
+            "dataset": "counterfact",
+            "data_path": str(data),
+            "n_edits": 4,
+            "seeds": [0, 1],
+            "methods": ["none"],
+            "batch_size": 4,
+        }
+        config.update(overrides)
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return write
+
+
+def _stable(path: Path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in VOLATILE}
+
+
+def test_run_layout_and_values(run_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(run_config()), "--out", str(out)]) == 0
+    for seed in (0, 1):
+        seed_dir = out / "none" / f"seed{seed}"
+        metrics = json.loads((seed_dir / "metrics.json").read_text())
+        assert all(k in metrics for k in ALL_METRIC_KEYS)
+        assert metrics["locality_ag"] == 100.0 and metrics["locality_tf"] == 100.0
+        assert metrics["counts"]["cases"] == 4 and metrics["seed"] == seed
+        assert {"versions", "git_sha", "config", "timings"} <= set(metrics)
+        items = [json.loads(line) for line in (seed_dir / "items.jsonl").read_text().splitlines()]
+        assert len(items) == 4 * (1 + 2 + 2)
+        assert (seed_dir / "artifact").is_dir()
+    averaged = json.loads((out / "none" / "metrics.json").read_text())
+    per_seed = [json.loads((out / "none" / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    assert averaged["reliability_tf"] == pytest.approx(
+        (per_seed[0]["reliability_tf"] + per_seed[1]["reliability_tf"]) / 2
+    )
+    assert "reliability_tf_std" in averaged
+    assert not list(out.rglob("*.tmp")), "no temporary folders left behind"
+
+
+def test_same_config_and_seed_give_identical_results(run_config, tmp_path):
+    config = run_config(seeds=[3])
+    assert main(["run", str(config), "--out", str(tmp_path / "a")]) == 0
+    assert main(["run", str(config), "--out", str(tmp_path / "b")]) == 0
+    a, b = (tmp_path / x / "none" / "seed3" for x in "ab")
+    assert _stable(a / "metrics.json") == _stable(b / "metrics.json")
+    assert (a / "items.jsonl").read_bytes() == (b / "items.jsonl").read_bytes()
+
+
+def test_rerun_skips_finished_and_refuses_other_config(run_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(run_config()), "--out", str(out)]) == 0
+    finished = out / "none" / "seed0" / "metrics.json"
+    stamp = finished.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["run", str(run_config()), "--out", str(out)]) == 0
+    assert "already done" in capsys.readouterr().out
+    assert finished.stat().st_mtime_ns == stamp
+    assert main(["run", str(run_config(n_edits=3)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "different run config" in err and "n_edits" in err
+    assert finished.stat().st_mtime_ns == stamp
+
+
+def test_leaderboard_formats(run_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(run_config()), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["leaderboard", str(out)]) == 0
+    md = capsys.readouterr().out
+    assert "| none |" in md and "Rel AG" in md and "±" in md
+    assert main(["leaderboard", str(out), "--format", "csv"]) == 0
+    csv_text = capsys.readouterr().out
+    header, row = csv_text.splitlines()[:2]
+    assert header.startswith("model,dataset,n_edits,method,n_seeds,reliability_ag")
+    assert row.split(",")[3] == "none"
+    assert main(["leaderboard", str(out), "--format", "latex"]) == 0
+    assert "\\begin{tabular}" in capsys.readouterr().out
