@@ -12,7 +12,7 @@ from typing import Any
 
 def default_cache_dir() -> Path:
     """``$MEG_HARNESS_CACHE`` or ``~/.cache/meg_harness``."""
-    return Path(os.environ.get("MEG_HARNESS_CACHE") or Path.home() / ".cache" / "meg_harness")
+    return Path(os.environ.get("MEG_HARNESS_CACHE") or Path.home() / ".cache" / "meg_harness").expanduser()
 
 
 def content_hash(*parts: Any) -> str:

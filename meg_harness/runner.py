@@ -132,6 +132,7 @@ def _run_one(
         metrics, items = evaluator.evaluate(edited, cases, labels)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+        staging.chmod(0o755)  # mkdtemp makes it private; results are meant to be shared
         try:
             editor.save(edited, staging / "artifact")
             with open(staging / "items.jsonl", "w", encoding="utf-8") as handle:

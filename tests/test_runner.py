@@ -125,3 +125,21 @@ def test_leaderboard_formats(run_config, tmp_path, capsys):
     assert row.split(",")[3] == "none"
     assert main(["leaderboard", str(out), "--format", "latex"]) == 0
     assert "\\begin{tabular}" in capsys.readouterr().out
+
+
+def test_demo_on_a_tiny_model_writes_leaderboard(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(tiny_model_dir("llama")), "--out", str(out)]) == 0
+    board = (out / "leaderboard.md").read_text()
+    assert "| none |" in board and "counterfact" in board
+    metrics = json.loads((out / "none" / "seed0" / "metrics.json").read_text())
+    assert metrics["counts"]["cases"] == 100  # the shipped demo data, all of it
+    assert metrics["locality_ag"] == 100.0
+
+
+def test_make_tiny_model_and_tasks_path(tmp_path, capsys):
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--arch", "phi"]) == 0
+    assert (tmp_path / "m" / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["tasks-path"]) == 0
+    assert Path(capsys.readouterr().out.strip()).is_dir()

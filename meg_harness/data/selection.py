@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from meg_harness.data.edit_case import EditCase
 from meg_harness.errors import HarnessError
+from meg_harness.evaluate.protocol import normalize_answer
 
 
 def file_index(case: EditCase, position: int) -> int:
@@ -68,18 +69,11 @@ def _check_range(index_range: Sequence[int]) -> tuple[int, int]:
     return start, end
 
 
-def normalize_answer(text: str) -> str:
-    """Strip, drop one trailing period, casefold (the AG comparison)."""
-    text = text.strip()
-    if text.endswith("."):
-        text = text[:-1].rstrip()
-    return text.casefold()
-
-
 def filter_unknown_facts(
     cases: Sequence[EditCase], answer_fn: Callable[[list[str]], list[str]]
 ) -> list[EditCase]:
-    """Paper A.9 (ZsRE): keep the cases the unedited model does NOT already answer with ``target_new``.
+    """Paper A.9 (ZsRE): keep the cases the unedited model does NOT already answer with ``target_new``
+    (compared as AG compares: cut at the first newline, strip, one trailing period dropped, casefold).
 
     ``answer_fn`` maps a list of prompts to the model's answers (same order and length)."""
     cases = list(cases)

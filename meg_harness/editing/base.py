@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -51,8 +52,14 @@ class Editor(ABC):
         """Edit ``model`` (or train what edits it) so that each case's prompt yields its ``target_new``."""
 
     def save(self, edited: Edited, directory: Path) -> None:
-        """Write the artifact that :meth:`load` reads back (default: nothing to save)."""
-        Path(directory).mkdir(parents=True, exist_ok=True)
+        """Write the artifact that :meth:`load` reads back; every artifact has ``editor.json`` (method and
+        hparams). Methods with weights extend this."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        record = {"method": self.name, "hparams": self.hparams}
+        (directory / "editor.json").write_text(
+            json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+        )
 
     @classmethod
     def load(cls, directory: Path, model: Any, tokenizer: Any) -> Edited:

@@ -14,7 +14,12 @@ from meg_harness.errors import HarnessError
 _METHODS: dict[str, type[Editor]] = {"none": NoEdit}
 
 # Methods that live in modules of their own, imported on first use (keeps `import meg_harness` light).
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "ft": "meg_harness.baselines.ft",
+    "memit": "meg_harness.baselines.memit",
+    "pmet": "meg_harness.baselines.pmet",
+    "alphaedit": "meg_harness.baselines.alphaedit",
+}
 
 
 def register_method(cls: type[Editor]) -> type[Editor]:

@@ -52,6 +52,8 @@ class ArchitectureAdapter:
     fallback_template: str = "gptj"
     chat_markers: tuple[tuple[str, str], ...] = CHAT_MARKERS
     text_config_attr: str | None = None  # multimodal configs nest the LM's config (gemma3: text_config)
+    # Absolute position embeddings the decoder adds to ``inputs_embeds`` (GPT-2: wpe); None for rotary models.
+    position_embedding_module: str | None = None
 
     # -- module-name templates ------------------------------------------------------------------------
     @property
@@ -204,6 +206,7 @@ GPT2 = ArchitectureAdapter(
     final_norm="transformer.ln_f",
     rewrite_is_conv1d=True,
     fallback_template="gptj",
+    position_embedding_module="transformer.wpe",
 )
 GPTJ = ArchitectureAdapter(
     family="gptj",

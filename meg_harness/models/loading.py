@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from meg_harness.cache import default_cache_dir
 from meg_harness.errors import HarnessError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -45,11 +46,6 @@ ALIASES: dict[str, str | PackagedGGUF] = {
     "gpt-j-6b": "EleutherAI/gpt-j-6B",
     "llama3-8b": "meta-llama/Meta-Llama-3-8B-Instruct",
 }
-
-
-def default_cache_dir() -> Path:
-    """``$MEG_HARNESS_CACHE`` or ``~/.cache/meg_harness``."""
-    return Path(os.environ.get("MEG_HARNESS_CACHE") or Path.home() / ".cache" / "meg_harness").expanduser()
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
