@@ -1,0 +1,1 @@
+"""MeG: text encoder, familiarity network, neuron hook, weight collection and generators."""
