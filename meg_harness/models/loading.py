@@ -104,7 +104,9 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ImportError, ValueError, OSError) as exc:  # e.g. the `gguf` or `accelerate` package missing
-        raise HarnessError(f"cannot convert {gguf.name}: {_one_line(exc)}", file=gguf, field="model") from None
+        raise HarnessError(
+            f"cannot convert {gguf.name}: {_one_line(exc)}", file=gguf, field="model"
+        ) from None
     config = loaded.config
     config.__dict__.pop("quantization_config", None)
     config._name_or_path = out.name

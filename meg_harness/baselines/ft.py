@@ -1,0 +1,163 @@
+"""FT (paper A.12): fine-tune the FFN of the MeG layer on all edits at once, everything else frozen.
+
+Each edit is one example: the templated prompt followed by ``" " + target_new``; the loss is the mean NLL of
+the target tokens (per example, averaged over the batch). Examples are shuffled each epoch with a seeded
+generator. ``norm_constraint`` (optional, ROME's FT-L) clamps every weight to within that distance of its
+original value after each step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from meg_harness.baselines.delta import DeltaEdited, WeightDelta, load_delta_artifact, save_delta_artifact
+from meg_harness.baselines.locate import resolve_layers
+from meg_harness.baselines.nethook import frozen, model_device
+from meg_harness.baselines.params import from_mapping
+from meg_harness.baselines.plan import pad_id, pad_rows
+from meg_harness.data.edit_case import EditCase
+from meg_harness.editing.base import Edited, Editor
+from meg_harness.editing.registry import register_method
+from meg_harness.errors import HarnessError
+from meg_harness.evaluate.evaluator import encode_query, encode_target
+from meg_harness.evaluate.templates import QueryTemplate
+from meg_harness.models.adapters import get_adapter
+from meg_harness.models.loading import model_fingerprint
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+@dataclass(frozen=True)
+class FTHParams:
+    """Defaults: paper A.12 for GPT-J (layer 9, SGD lr 0.3, 80 epochs, batch 32)."""
+
+    layers: tuple[int, ...] = (9,)
+    params: str = "ffn"  # "ffn": every weight and bias of the layer's FFN; "ffn_out": its output projection
+    optimizer: str = "sgd"
+    lr: float = 0.3
+    epochs: int = 80
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    norm_constraint: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise HarnessError(f"optimizer must be one of {sorted(OPTIMIZERS)}", field="hparams.optimizer")
+        if self.params not in ("ffn", "ffn_out"):
+            raise HarnessError("params must be 'ffn' or 'ffn_out'", field="hparams.params")
+        if self.epochs <= 0 or self.batch_size <= 0:
+            raise HarnessError("epochs and batch_size must be positive", field="hparams")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "layers": list(self.layers)}
+
+
+def _examples(tokenizer, cases: Sequence[EditCase], template: QueryTemplate) -> list[tuple[tuple, int]]:
+    """(query + target ids, query length) per case."""
+    out = []
+    for case in cases:
+        query = tuple(encode_query(tokenizer, template, case.prompt))
+        out.append((query + encode_target(tokenizer, case.target_new, where=case.source), len(query)))
+    return out
+
+
+def target_nll(model: nn.Module, tokenizer, examples: Sequence[tuple[tuple, int]]) -> torch.Tensor:
+    """Mean NLL of the target tokens of each example ``[n]`` (differentiable)."""
+    device = model_device(model)
+    ids, mask = pad_rows([e[0] for e in examples], pad_id(tokenizer), device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    losses = []
+    for row, (seq, q) in enumerate(examples):
+        logp = torch.log_softmax(logits[row, q - 1 : len(seq) - 1].float(), -1)
+        target = torch.tensor(seq[q:], device=device)
+        losses.append(-logp.gather(1, target[:, None]).mean())
+    return torch.stack(losses)
+
+
+@register_method
+class FT(Editor):
+    name = "ft"
+    progress: bool = True
+
+    def __init__(self, hparams: dict[str, Any] | None = None) -> None:
+        super().__init__(hparams)
+        self.hp = from_mapping(FTHParams, self.hparams, self.name)
+        self._fingerprint: str | None = None
+
+    def trained_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        adapter = get_adapter(model)
+        names = {}
+        for layer in resolve_layers(adapter, model, self.hp.layers):
+            prefix = adapter.rewrite_module_tmp if self.hp.params == "ffn_out" else adapter.mlp_module_tmp
+            module = prefix.format(layer)
+            for name, param in model.get_submodule(module).named_parameters():
+                names[f"{module}.{name}"] = param
+        return names
+
+    def fit(
+        self, model: nn.Module, tokenizer, cases: Sequence[EditCase], template: QueryTemplate
+    ) -> DeltaEdited:
+        if not cases:
+            raise HarnessError("no edit cases given", field="cases")
+        self._fingerprint = model_fingerprint(model)
+        examples = _examples(tokenizer, cases, template)
+        params = self.trained_parameters(model)
+        originals = {k: p.detach().clone() for k, p in params.items()}
+        generator = torch.Generator().manual_seed(self.hp.seed)
+        losses = []
+        with frozen(model):
+            for p in params.values():
+                p.requires_grad_(True)
+            opt = OPTIMIZERS[self.hp.optimizer](
+                list(params.values()), lr=self.hp.lr, weight_decay=self.hp.weight_decay
+            )
+            try:
+                for _ in tqdm(
+                    range(self.hp.epochs), desc="FT epochs", disable=not self.progress, leave=False
+                ):
+                    order = torch.randperm(len(examples), generator=generator).tolist()
+                    total = 0.0
+                    for start in range(0, len(order), self.hp.batch_size):
+                        batch = [examples[i] for i in order[start : start + self.hp.batch_size]]
+                        opt.zero_grad()
+                        loss = target_nll(model, tokenizer, batch).mean()
+                        loss.backward()
+                        opt.step()
+                        total += float(loss.detach()) * len(batch)
+                        self._constrain(params, originals)
+                    losses.append(total / len(examples))
+            finally:
+                trained = {k: p.detach().clone() for k, p in params.items()}
+                with torch.no_grad():
+                    for k, p in params.items():
+                        p.copy_(originals[k])
+        delta = WeightDelta()
+        for name, new in trained.items():
+            delta.add(model, name, new - originals[name])
+        return DeltaEdited(model, tokenizer, delta, {"n_edits": len(cases), "epoch_losses": losses})
+
+    def _constrain(self, params: dict[str, nn.Parameter], originals: dict[str, torch.Tensor]) -> None:
+        eps = self.hp.norm_constraint
+        if eps is None:
+            return
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(torch.clamp(p, originals[k] - eps, originals[k] + eps))
+
+    def save(self, edited: Edited, directory: Path) -> None:
+        if not isinstance(edited, DeltaEdited):
+            raise HarnessError("ft can only save what its fit returned")
+        save_delta_artifact(edited, directory, self.name, self._fingerprint)
+
+    @classmethod
+    def load(cls, directory: Path, model: nn.Module, tokenizer) -> DeltaEdited:
+        return load_delta_artifact(directory, model, tokenizer)

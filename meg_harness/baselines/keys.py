@@ -1,0 +1,55 @@
+"""Representations at the subject's last token: a module's input (keys) or output (current values)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from meg_harness.baselines.nethook import Trace, model_device
+from meg_harness.baselines.plan import EditPlan, Row, pad_id, pad_rows
+
+
+@torch.no_grad()
+def gather(
+    model: nn.Module,
+    tokenizer,
+    rows: Sequence[Row],
+    module: str,
+    *,
+    side: str = "input",
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """``[len(rows), d]`` float32: ``module``'s input (``side="input"``) or output at each row's index."""
+    device = model_device(model)
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids, mask = pad_rows([r.ids for r in chunk], pad_id(tokenizer), device)
+        with Trace(
+            model, [module], retain_input=side == "input", retain_output=side == "output", stop_after=module
+        ) as trace:
+            model(input_ids=ids, attention_mask=mask)
+        states = (trace.inputs if side == "input" else trace.outputs)[module]
+        where = torch.tensor([r.index for r in chunk], device=states.device)
+        out.append(states[torch.arange(len(chunk), device=states.device), where].float())
+    return torch.cat(out)
+
+
+def edit_keys(
+    model: nn.Module, tokenizer, plans: Sequence[EditPlan], module: str, batch_size: int = 32
+) -> torch.Tensor:
+    """``[n_edits, d_in]``: ``module``'s input at the subject's last token, mean over an edit's contexts."""
+    rows = [row for plan in plans for row in plan.contexts]
+    flat = gather(model, tokenizer, rows, module, side="input", batch_size=batch_size)
+    per_edit = len(plans[0].contexts)
+    return flat.reshape(len(plans), per_edit, -1).mean(1)
+
+
+def edit_outputs(
+    model: nn.Module, tokenizer, plans: Sequence[EditPlan], module: str, batch_size: int = 32
+) -> torch.Tensor:
+    """``[n_edits, d]``: ``module``'s output at the subject's last token of each bare prompt."""
+    rows = [plan.contexts[0] for plan in plans]
+    return gather(model, tokenizer, rows, module, side="output", batch_size=batch_size)

@@ -1,0 +1,230 @@
+"""The locate-then-edit layer loop shared by MEMIT, PMET and AlphaEdit.
+
+1. statistics of every edited layer's keys on the unedited model (:mod:`stats`);
+2. value targets at the last edited layer (:mod:`values`), batched over edits;
+3. for each edited layer in order: keys of the edits (rewrite-module input at the subject's last token,
+   averaged over contexts), the residual still missing at the last layer (recomputed after the previous
+   layers' updates), the method's solve, and the update applied to the rewrite module's weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from abc import abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from meg_harness.baselines.delta import DeltaEdited, WeightDelta, load_delta_artifact, save_delta_artifact
+from meg_harness.baselines.keys import edit_keys, edit_outputs
+from meg_harness.baselines.nethook import frozen
+from meg_harness.baselines.params import LocateHParams, from_mapping
+from meg_harness.baselines.plan import EditPlan, build_plans
+from meg_harness.baselines.prefixes import generate_prefixes
+from meg_harness.baselines.stats import SecondMoment, layer_second_moments
+from meg_harness.baselines.values import ValueResult, optimise_values
+from meg_harness.cache import content_hash, default_cache_dir
+from meg_harness.data.edit_case import EditCase
+from meg_harness.editing.base import Edited, Editor
+from meg_harness.errors import HarnessError
+from meg_harness.evaluate.templates import QueryTemplate
+from meg_harness.models.adapters import ArchitectureAdapter, get_adapter
+from meg_harness.models.loading import model_fingerprint
+
+log = logging.getLogger(__name__)
+
+# Hyper-parameters the value targets depend on besides the sites (the cache key of
+# :meth:`LocateThenEdit.values`); the sites name the last edited layer.
+Z_FIELDS = (
+    "v_num_grad_steps",
+    "v_lr",
+    "v_weight_decay",
+    "clamp_norm_factor",
+    "kl_factor",
+    "v_loss_stop",
+    "z_batch_size",
+    "nll_loss_factor",
+)
+
+
+def resolve_layers(adapter: ArchitectureAdapter, model: nn.Module, layers: Sequence[int]) -> list[int]:
+    """Layer indices made non-negative and checked against the model's depth (order kept)."""
+    n = adapter.num_layers(model)
+    out = []
+    for layer in layers:
+        if not -n <= layer < n:
+            raise HarnessError(
+                f"layer {layer} out of range: the model has {n} layers", field="hparams.layers"
+            )
+        out.append(layer % n)
+    if len(set(out)) != len(out):
+        raise HarnessError("layers must be distinct", field="hparams.layers")
+    return out
+
+
+def check_value_layer(layers: Sequence[int], n: int) -> None:
+    """The z vector acts on later positions only through later layers: the last edited one must not be
+    the model's last layer."""
+    if layers[-1] >= n - 1:
+        raise HarnessError(
+            f"the last edited layer ({layers[-1]}) must be below the model's last layer ({n - 1})",
+            field="hparams.layers",
+        )
+
+
+class LocateThenEdit(Editor):
+    """Base of MEMIT-style editors: subclasses choose the value sites, the residual and the solve."""
+
+    hparams_class: ClassVar[type[LocateHParams]] = LocateHParams
+    progress: bool = True
+
+    def __init__(self, hparams: dict[str, Any] | None = None) -> None:
+        super().__init__(hparams)
+        self.hp = from_mapping(self.hparams_class, self.hparams, self.name)
+        self.cache_dir: Path | None = None
+        self._prefixes: dict[str, list[str]] = {}
+        self._fingerprint: str | None = None
+
+    # -- method-specific ------------------------------------------------------------------------------
+    def value_sites(self, adapter: ArchitectureAdapter, z_layer: int) -> list[str]:
+        """Modules (at the last edited layer) whose outputs get an optimised delta; the first: the target."""
+        return [adapter.layer_module_tmp.format(z_layer)]
+
+    def residual(
+        self, model, tokenizer, adapter, plans, values: ValueResult, z_layer: int, i: int, n_layers: int
+    ) -> torch.Tensor:
+        """``[n_edits, d_out]``: what layer ``i`` of ``n_layers`` must still add (MEMIT: spread evenly)."""
+        site = self.value_sites(adapter, z_layer)[0]
+        current = edit_outputs(model, tokenizer, plans, site, self.hp.key_batch_size)
+        return (values.targets[site].to(current.device) - current) / (n_layers - i)
+
+    @abstractmethod
+    def solve(
+        self, layer: int, keys: torch.Tensor, resid: torch.Tensor, stats: SecondMoment | None
+    ) -> torch.Tensor:
+        """``delta W [d_out, d_in]`` (float64) from keys ``K [d_in, n]`` and residuals ``R [d_out, n]``."""
+
+    def value_options(self) -> dict[str, Any]:
+        return {}
+
+    def uses_stats(self) -> bool:
+        return self.hp.mom2_adjustment
+
+    # -- Editor ---------------------------------------------------------------------------------------
+    def context_prefixes(self, model: nn.Module, tokenizer) -> list[str]:
+        key = f"{self.fingerprint(model)}:{self.hp.context_prefixes}:{self.hp.context_prefix_length}"
+        if key not in self._prefixes:
+            self._prefixes[key] = generate_prefixes(
+                model, tokenizer, self.hp.context_prefixes, self.hp.context_prefix_length, self.hp.seed
+            )
+        return self._prefixes[key]
+
+    def fingerprint(self, model: nn.Module) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(model)
+        return self._fingerprint
+
+    def statistics(self, model: nn.Module, tokenizer, layers: Sequence[int]) -> dict[int, SecondMoment]:
+        return layer_second_moments(
+            model,
+            tokenizer,
+            layers,
+            self.hp,
+            cache_dir=self.cache_dir,
+            fingerprint=self.fingerprint(model),
+            progress=self.progress,
+        )
+
+    def values(self, model: nn.Module, tokenizer, plans: list[EditPlan], sites: list[str]) -> ValueResult:
+        """Value targets, cached on disk by content (model, edit tokens, sites, z hyper-parameters), so
+        that a second fit with other update settings (lambda, layers below the last) reuses them."""
+        options = self.value_options()
+        z_fields = [k for k in Z_FIELDS if hasattr(self.hp, k)]
+        key = content_hash(
+            "baseline-z/v1",
+            self.fingerprint(model),
+            [dataclasses.asdict(p) for p in plans],
+            sites,
+            {k: getattr(self.hp, k) for k in z_fields},
+            options,
+        )
+        path = Path(self.cache_dir or default_cache_dir()) / "baseline_z" / f"{key[:32]}.safetensors"
+        if path.is_file():
+            return ValueResult.load(path)
+        values = optimise_values(model, tokenizer, plans, sites, self.hp, progress=self.progress, **options)
+        values.save(path)
+        return values
+
+    def fit(
+        self, model: nn.Module, tokenizer, cases: Sequence[EditCase], template: QueryTemplate
+    ) -> DeltaEdited:
+        adapter = get_adapter(model)
+        layers = resolve_layers(adapter, model, self.hp.layers)
+        check_value_layer(layers, adapter.num_layers(model))
+        self._fingerprint = None  # the model given now, unedited
+        with frozen(model):
+            stats = self.statistics(model, tokenizer, layers) if self.uses_stats() else {}
+            plans = build_plans(
+                tokenizer, cases, template, self.context_prefixes(model, tokenizer), self.hp.kl_prompt
+            )
+            z_layer = layers[-1]
+            values = self.values(model, tokenizer, plans, self.value_sites(adapter, z_layer))
+            delta = WeightDelta()
+            try:
+                norms = self._update_layers(model, tokenizer, adapter, plans, values, layers, stats, delta)
+            except BaseException:
+                delta.restore(model)
+                raise
+        info = {
+            "n_edits": len(plans),
+            "layers": layers,
+            "update_norms": norms,
+            "z_nll": values.nll,
+            "z_steps": values.steps,
+        }
+        return DeltaEdited(model, tokenizer, delta, info)
+
+    def _update_layers(
+        self,
+        model: nn.Module,
+        tokenizer,
+        adapter: ArchitectureAdapter,
+        plans: list[EditPlan],
+        values: ValueResult,
+        layers: list[int],
+        stats: dict[int, SecondMoment],
+        delta: WeightDelta,
+    ) -> dict[int, float]:
+        norms = {}
+        z_layer = layers[-1]
+        for i, layer in enumerate(layers):
+            module = adapter.rewrite_module_tmp.format(layer)
+            keys = edit_keys(model, tokenizer, plans, module, self.hp.key_batch_size)
+            resid = self.residual(model, tokenizer, adapter, plans, values, z_layer, i, len(layers))
+            update = self.solve(layer, keys.double().T, resid.double().T, stats.get(layer))
+            weight = f"{module}.weight"
+            delta.add(model, weight, update.T if adapter.rewrite_is_conv1d else update)
+            norms[layer] = float(update.norm())
+            log.info("%s layer %d: update norm %.4g", self.name, layer, norms[layer])
+        return norms
+
+    def save(self, edited: Edited, directory: Path) -> None:
+        if not isinstance(edited, DeltaEdited):
+            raise HarnessError(f"{self.name} can only save what its fit returned")
+        info_fp = self._fingerprint
+        save_delta_artifact(edited, directory, self.name, info_fp)
+
+    @classmethod
+    def load(cls, directory: Path, model: nn.Module, tokenizer) -> DeltaEdited:
+        return load_delta_artifact(directory, model, tokenizer)
+
+
+def c0_or_identity(stats: SecondMoment | None, dim: int, device: torch.device) -> torch.Tensor:
+    """``E[k k^T]`` in float64 on ``device``, or the identity when statistics are switched off."""
+    if stats is None:
+        return torch.eye(dim, dtype=torch.float64, device=device)
+    return stats.moment().to(device, torch.float64)

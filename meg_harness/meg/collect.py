@@ -1,0 +1,629 @@
+"""Knowledge-weight collection (paper 4.1 c.1): one neuron per edit, optimised so the frozen LM answers it.
+
+For each EditCase only its neuron is trained, so that the LM, given ``template.format(case.prompt)``, produces
+``" " + target_new + template.terminator`` (the terminator makes greedy decoding stop after the answer).
+
+Fast by design:
+
+* many edits per batch, each row with its own neuron and its own optimiser; right-padded rows, the loss is
+  the mean over each row's answer tokens summed over rows, so rows do not interact;
+* the layers below L are frozen and their input never changes: the hidden states entering layer L are
+  computed once per edit, and every step runs the decoder from layer L upward only (its layer list
+  truncated, ``inputs_embeds`` = the cached state; absolute position embeddings are zeroed). This is checked
+  against a full forward on the first batch; a family where it does not hold falls back to full forwards;
+* an edit stops as soon as its greedy answer (the protocol's AG rule, via the template) matches the target,
+  checked every ``check_every`` steps; finished rows are refilled with pending edits.
+
+Results are cached by content hash under ``<cache>/neurons/<hash>/`` in shards of ``shard_size`` edits.
+A shard is always computed from the same edits in the same batches (each shard starts from an empty batch),
+so a resumed run reproduces an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from meg_harness.cache import atomic_write_text, content_hash, default_cache_dir
+from meg_harness.data.edit_case import EditCase
+from meg_harness.errors import HarnessError
+from meg_harness.evaluate.evaluator import context_length, encode_query, encode_target
+from meg_harness.evaluate.protocol import ag_match
+from meg_harness.evaluate.scoring import Probe, greedy_answers
+from meg_harness.evaluate.templates import QueryTemplate
+from meg_harness.meg.neuron import DynamicNeuron, NeuronBatch, NeuronEdited, NeuronTuple
+from meg_harness.models.adapters import ArchitectureAdapter, get_adapter
+from meg_harness.models.loading import model_fingerprint
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "meg-neurons/v1"
+OPTIMIZERS = ("adam", "sgd")
+METADATA_KEYS = ("alg_name", "model_name")
+VERIFY_ATOL = 1e-4  # layer-cached vs full logits on the first batch (float32 runs agree to ~1e-6)
+
+
+@dataclass(frozen=True)
+class CollectHParams:
+    """Hyper-parameters of knowledge-weight collection.
+
+    Defaults: SmolLM2-135M at layer 12, tuned on CounterFact dev edits (hparams/MEG/collect-smollm2-135m.yaml
+    says why each value). ``value_lr_scale``: the value vector's lr is ``lr * value_lr_scale``.
+
+    ``precheck``: run the greedy check only for rows whose teacher-forced argmax already yields every
+    answer token, terminator included (rows at ``max_steps`` are always checked): no hopeless generate calls.
+    ``layer_cache``: run steps from layer L upward on cached hidden states (False: full forwards).
+    """
+
+    layer: int = 12
+    optimizer: str = "adam"
+    lr: float = 0.05
+    max_steps: int = 100
+    check_every: int = 1
+    batch_size: int = 32
+    shard_size: int = 64
+    init_std: float = 0.05
+    seed: int = 0
+    max_new_tokens: int = 20
+    precheck: bool = True
+    layer_cache: bool = True
+    value_lr_scale: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise HarnessError(
+                f"unknown optimizer {self.optimizer!r}; use one of {OPTIMIZERS}", field="optimizer"
+            )
+        for name in ("max_steps", "check_every", "batch_size", "shard_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise HarnessError(f"must be a positive integer, got {value!r}", field=name)
+        for name in ("lr", "init_std", "value_lr_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise HarnessError(f"must be a non-negative number, got {value!r}", field=name)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | CollectHParams | None) -> CollectHParams:
+        """From a dict (e.g. a YAML's contents); unknown keys are an error."""
+        if isinstance(mapping, CollectHParams):
+            return mapping
+        mapping = dict(mapping or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise HarnessError(
+                f"unknown collection hparam(s) {unknown}; known: {sorted(known)}", field=unknown[0]
+            )
+        return cls(**mapping)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> CollectHParams:
+        """From an hparams YAML (``hparams/MEG/collect-*.yaml``); EasyEdit metadata keys are ignored."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as error:
+            raise HarnessError(f"cannot read collection hparams: {error}", file=path) from None
+        if not isinstance(data, dict):
+            raise HarnessError("an hparams file must be a YAML mapping", file=path)
+        try:
+            return cls.from_mapping({k: v for k, v in data.items() if k not in METADATA_KEYS})
+        except HarnessError as error:
+            raise HarnessError(error.reason, file=path, field=error.field) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CollectionResult:
+    """Collected neurons in case order, with per-edit success (greedy answer == target) and steps used."""
+
+    case_ids: list[str]
+    neurons: NeuronBatch
+    success: list[bool]
+    steps: list[int]
+    losses: list[float]
+    wall_s: float
+    layer: int
+    mode: str  # "layer-cached" | "full"
+    cache_path: Path | None = None
+    reused: int = 0  # edits read back from the cache
+
+    @property
+    def success_rate(self) -> float:
+        return sum(self.success) / len(self.success) if self.success else math.nan
+
+
+# -- preparation ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Edit:
+    case_id: str
+    target: str
+    query_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]  # target tokens + terminator tokens
+
+    @property
+    def input_ids(self) -> tuple[int, ...]:
+        """What the model reads: the query and the answer but its last token."""
+        return self.query_ids + self.answer_ids[:-1]
+
+
+def _prepare(
+    model, tokenizer, cases: Sequence[EditCase], template: QueryTemplate, hp: CollectHParams
+) -> list[_Edit]:
+    terminator = tuple(tokenizer(template.terminator, add_special_tokens=False)["input_ids"])
+    limit = context_length(model)
+    edits = []
+    for case in cases:
+        target_ids = encode_target(tokenizer, case.target_new, where=case.source)
+        query_ids = encode_query(tokenizer, template, case.prompt)
+        edit = _Edit(case.case_id, case.target_new, query_ids, target_ids + terminator)
+        needed = len(query_ids) + max(len(edit.answer_ids), hp.max_new_tokens)
+        if limit is not None and needed > limit:
+            file, _, record = (case.source or "").rpartition(":")
+            raise HarnessError(
+                f"prompt of case {case.case_id} needs {needed} tokens with its answer, more than the "
+                f"model's context of {limit}",
+                file=file or None,
+                record=record or None,
+                field="prompt",
+            )
+        edits.append(edit)
+    return edits
+
+
+def edit_seed(seed: int, case_id: str) -> int:
+    """The per-edit seed: results do not depend on which edits share a batch."""
+    return int(hashlib.sha256(f"{seed}:{case_id}".encode()).hexdigest()[:15], 16)
+
+
+def init_neuron(
+    case_id: str, hidden: int, has_bias: bool, hp: CollectHParams, device: torch.device | str = "cpu"
+) -> NeuronTuple:
+    """Key and value ~ N(0, init_std^2) seeded by (seed, case_id); bias 0 (None without an FFN bias)."""
+    generator = torch.Generator().manual_seed(edit_seed(hp.seed, case_id))
+    key = torch.randn(hidden, generator=generator) * hp.init_std
+    value = torch.randn(hidden, generator=generator) * hp.init_std
+    bias = torch.zeros(()) if has_bias else None
+    return key.to(device), None if bias is None else bias.to(device), value.to(device)
+
+
+# -- forwards ---------------------------------------------------------------------------------------
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop a forward once the input of layer L is known."""
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[b, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+class LayerCachedLM:
+    """The frozen LM run from layer ``layer`` upward, on the hidden states that enter that layer.
+
+    :meth:`layer_inputs` computes those states once (a forward stopped at layer L); :meth:`logits` runs the
+    decoder with its layer list temporarily truncated to ``layers[L:]`` and ``inputs_embeds`` = the states
+    (absolute position embeddings, e.g. GPT-2's ``wpe``, return zeros meanwhile), then the LM head.
+    """
+
+    def __init__(self, model: nn.Module, layer: int, adapter: ArchitectureAdapter | None = None) -> None:
+        self.model = model
+        self.adapter = adapter or get_adapter(model)
+        layers = self.adapter.layers(model)
+        self.layer = self.adapter._layer_index(model, layer)
+        self.layer_module = layers[self.layer]
+        parent, _, self.layers_attr = self.adapter.layers_module.rpartition(".")
+        self.decoder = model.get_submodule(parent)
+        self.head = model.get_output_embeddings()
+
+    @torch.no_grad()
+    def layer_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The hidden states entering layer L, ``[B, T, H]``."""
+        captured: list[torch.Tensor] = []
+
+        def grab(_module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _Captured
+
+        handle = self.layer_module.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        return captured[0].detach()
+
+    @contextlib.contextmanager
+    def truncated(self) -> Iterator[nn.Module]:
+        """The decoder with only ``layers[L:]`` (and per-layer config lists cut to match); restored after."""
+        layers = getattr(self.decoder, self.layers_attr)
+        config = self.adapter.text_config(self.model)
+        layer_types = getattr(config, "layer_types", None)
+        handles = []
+        if self.adapter.position_embedding_module:
+            module = self.model.get_submodule(self.adapter.position_embedding_module)
+            handles.append(module.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out)))
+        setattr(self.decoder, self.layers_attr, nn.ModuleList(list(layers)[self.layer :]))
+        if isinstance(layer_types, list):
+            config.layer_types = layer_types[self.layer :]
+        try:
+            yield self.decoder
+        finally:
+            setattr(self.decoder, self.layers_attr, layers)
+            if isinstance(layer_types, list):
+                config.layer_types = layer_types
+            for handle in handles:
+                handle.remove()
+
+    def logits(
+        self,
+        layer_inputs: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """LM logits from layer L upward: ``[B, T, V]``, or ``[N, V]`` at ``(rows, positions)`` only."""
+        with self.truncated() as decoder:
+            out = decoder(inputs_embeds=layer_inputs, attention_mask=attention_mask, use_cache=False)
+        hidden = out[0]
+        if rows is not None:
+            hidden = hidden[rows, positions]
+        return self.head(hidden)
+
+    def full_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The whole model's logits (the reference the layer-cached run must match)."""
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits if rows is None else logits[rows, positions]
+
+
+# -- optimisation -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    """One edit being optimised: its own parameters and optimiser (fresh state for every edit)."""
+
+    index: int  # position in the shard
+    edit: _Edit
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    layer_input: torch.Tensor | None = None  # [T, H] hidden states entering layer L
+    steps: int = 0
+    loss: float = math.nan
+    answer_exact: bool = False  # the last step's teacher-forced argmax gave every answer token
+
+    def neuron(self) -> NeuronTuple:
+        key, *rest = self.params
+        return (key, rest[0], rest[1]) if len(rest) == 2 else (key, None, rest[0])
+
+
+@dataclass
+class _ShardResult:
+    neurons: NeuronBatch
+    success: list[bool]
+    steps: list[int]
+    losses: list[float]
+
+
+@dataclass
+class _Collector:
+    model: nn.Module
+    tokenizer: Any
+    hp: CollectHParams
+    adapter: ArchitectureAdapter
+    layer_cached: bool
+    verified: bool = False
+    neuron: DynamicNeuron = field(init=False)
+    lm: LayerCachedLM = field(init=False)
+    checker: NeuronEdited = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.neuron = DynamicNeuron(self.model, self.hp.layer, self.adapter)
+        self.lm = LayerCachedLM(self.model, self.hp.layer, self.adapter)
+        self.checker = NeuronEdited(self.model, self.tokenizer, {}, self.hp.layer, self.adapter)
+        self.device = next(self.model.parameters()).device
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    # rows
+    def new_row(self, index: int, edit: _Edit) -> _Row:
+        neuron = init_neuron(edit.case_id, self.neuron.hidden, self.neuron.has_bias, self.hp, self.device)
+        params = [t.clone().requires_grad_(True) for t in neuron if t is not None]
+        opt_cls = torch.optim.Adam if self.hp.optimizer == "adam" else torch.optim.SGD
+        groups = [{"params": params[:-1]}, {"params": params[-1:], "lr": self.hp.lr * self.hp.value_lr_scale}]
+        return _Row(index, edit, params, opt_cls(groups, lr=self.hp.lr))
+
+    def cache_inputs(self, rows: Sequence[_Row]) -> None:
+        ids, mask = _pad([r.edit.input_ids for r in rows], self.pad_id, self.device)
+        states = self.lm.layer_inputs(ids, mask)
+        for b, row in enumerate(rows):
+            row.layer_input = states[b, : len(row.edit.input_ids)].clone()
+
+    # one optimisation step
+    def _answer_index(self, rows: Sequence[_Row]) -> tuple[torch.Tensor, ...]:
+        b_idx, p_idx, targets, weights = [], [], [], []
+        for b, row in enumerate(rows):
+            q, answer = len(row.edit.query_ids), row.edit.answer_ids
+            b_idx += [b] * len(answer)
+            p_idx += range(q - 1, q - 1 + len(answer))
+            targets += answer
+            weights += [1.0 / len(answer)] * len(answer)
+        as_long = dict(dtype=torch.long, device=self.device)
+        return (
+            torch.tensor(b_idx, **as_long),
+            torch.tensor(p_idx, **as_long),
+            torch.tensor(targets, **as_long),
+            torch.tensor(weights, device=self.device),
+        )
+
+    def _logits(self, rows: Sequence[_Row], b_idx: torch.Tensor, p_idx: torch.Tensor, layer_cached: bool):
+        ids, mask = _pad([r.edit.input_ids for r in rows], self.pad_id, self.device)
+        if not layer_cached:
+            return self.lm.full_logits(ids, mask, b_idx, p_idx)
+        width = ids.shape[1]
+        states = torch.stack([F.pad(r.layer_input, (0, 0, 0, width - r.layer_input.shape[0])) for r in rows])
+        return self.lm.logits(states, mask, b_idx, p_idx)
+
+    def _verify(self, rows: Sequence[_Row], b_idx: torch.Tensor, p_idx: torch.Tensor) -> None:
+        """Once per run: the layer-cached logits must match a full forward, else use full forwards."""
+        self.verified = True
+        with torch.no_grad(), self.neuron.attach(NeuronBatch.stack([r.neuron() for r in rows])):
+            cached = self._logits(rows, b_idx, p_idx, True)
+            full = self._logits(rows, b_idx, p_idx, False)
+        diff = (cached - full).abs().max().item()
+        if not diff <= VERIFY_ATOL * max(1.0, full.abs().max().item()):
+            self.layer_cached = False
+            log.warning(
+                "layer-cached forward of the %s model differs from the full forward by %.3g at layer %d; "
+                "collecting with full forwards instead",
+                self.adapter.family,
+                diff,
+                self.hp.layer,
+            )
+
+    def step(self, rows: Sequence[_Row]) -> None:
+        b_idx, p_idx, targets, weights = self._answer_index(rows)
+        if self.layer_cached and not self.verified:
+            self._verify(rows, b_idx, p_idx)
+        with self.neuron.attach(NeuronBatch.stack([r.neuron() for r in rows])):
+            logits = self._logits(rows, b_idx, p_idx, self.layer_cached)
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none") * weights
+        token_loss.sum().backward()
+        for row in rows:
+            row.optimizer.step()
+            row.optimizer.zero_grad(set_to_none=True)
+            row.steps += 1
+        with torch.no_grad():
+            row_loss = torch.zeros(len(rows), device=self.device).index_add_(0, b_idx, token_loss.detach())
+            wrong = (logits.argmax(-1) != targets).float()
+            row_wrong = torch.zeros(len(rows), device=self.device).index_add_(0, b_idx, wrong)
+        for row, loss, n_wrong in zip(rows, row_loss.tolist(), row_wrong.tolist()):
+            row.loss, row.answer_exact = loss, n_wrong == 0
+
+    # greedy check (the protocol's AG rule)
+    def check(self, rows: Sequence[_Row]) -> list[bool]:
+        if not rows:
+            return []
+        keys = [f"#{r.index}" for r in rows]
+        self.checker.neurons = {
+            k: tuple(t.detach() if t is not None else None for t in r.neuron()) for k, r in zip(keys, rows)
+        }
+        probes = [Probe(k, r.edit.query_ids) for k, r in zip(keys, rows)]
+        answers = greedy_answers(
+            self.checker, probes, batch_size=len(probes), max_new_tokens=self.hp.max_new_tokens
+        )
+        self.checker.neurons = {}
+        return [ag_match(a.text, r.edit.target) for a, r in zip(answers, rows)]
+
+    def due(self, row: _Row) -> bool:
+        at_end = row.steps >= self.hp.max_steps
+        scheduled = row.steps % self.hp.check_every == 0
+        return at_end or (scheduled and (row.answer_exact or not self.hp.precheck))
+
+    def collect(self, edits: Sequence[_Edit], bar: tqdm) -> _ShardResult:
+        """Optimise one shard's edits: a full batch while edits are pending, finished rows refilled."""
+        pending = deque(enumerate(edits))
+        active: list[_Row] = []
+        done: dict[int, tuple[NeuronTuple, bool, int, float]] = {}
+        while pending or active:
+            fresh = []
+            while pending and len(active) < self.hp.batch_size:
+                fresh.append(self.new_row(*pending.popleft()))
+            active += fresh
+            if fresh and self.layer_cached:
+                self.cache_inputs(fresh)
+            self.step(active)
+            due = [r for r in active if self.due(r)]
+            passed = dict(zip((r.index for r in due), self.check(due)))
+            still = []
+            for row in active:
+                ok = passed.get(row.index)
+                if ok or (ok is not None and row.steps >= self.hp.max_steps):
+                    neuron = tuple(t.detach().clone() if t is not None else None for t in row.neuron())
+                    done[row.index] = (neuron, bool(ok), row.steps, row.loss)
+                    bar.update(1)
+                else:
+                    still.append(row)
+            active = still
+        order = [done[i] for i in range(len(edits))]
+        return _ShardResult(
+            NeuronBatch.stack([d[0] for d in order]),
+            [d[1] for d in order],
+            [d[2] for d in order],
+            [d[3] for d in order],
+        )
+
+
+# -- cache ------------------------------------------------------------------------------------------
+
+
+def _shard_paths(folder: Path, index: int) -> tuple[Path, Path]:
+    return folder / f"shard-{index:05d}.safetensors", folder / f"shard-{index:05d}.json"
+
+
+def _write_shard(folder: Path, index: int, case_ids: Sequence[str], result: _ShardResult) -> None:
+    """Tensors first, then the json that marks the shard complete; each via a temp file + os.replace."""
+    from safetensors.torch import save_file
+
+    tensors_path, meta_path = _shard_paths(folder, index)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"key": result.neurons.key, "value": result.neurons.value}
+    if result.neurons.bias is not None:
+        tensors["bias"] = result.neurons.bias
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{tensors_path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, tensors_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = {
+        "case_ids": list(case_ids),
+        "success": result.success,
+        "steps": result.steps,
+        "losses": result.losses,
+    }
+    atomic_write_text(meta_path, json.dumps(meta))
+
+
+def _read_shard(folder: Path, index: int, case_ids: Sequence[str], device) -> _ShardResult | None:
+    from safetensors.torch import load_file
+
+    tensors_path, meta_path = _shard_paths(folder, index)
+    if not (tensors_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        tensors = load_file(str(tensors_path))
+    except (OSError, ValueError, RuntimeError) as exc:  # a damaged entry is recomputed
+        log.warning("ignoring unreadable neuron shard %s: %s", tensors_path, exc)
+        return None
+    if meta.get("case_ids") != list(case_ids):
+        return None
+    neurons = NeuronBatch(tensors["key"], tensors.get("bias"), tensors["value"]).to(device)
+    return _ShardResult(neurons, list(meta["success"]), list(meta["steps"]), list(meta["losses"]))
+
+
+def cache_key(
+    model: nn.Module, cases: Sequence[EditCase], template: QueryTemplate, hp: CollectHParams
+) -> str:
+    """Content hash of what the collected neurons depend on."""
+    facts = [(c.case_id, c.prompt, c.target_new) for c in cases]
+    return content_hash(
+        CACHE_VERSION, model_fingerprint(model), template.text, template.terminator, hp.to_dict(), facts
+    )
+
+
+# -- entry point ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients for the duration; the previous state is restored."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+def collect_neurons(
+    model: nn.Module,
+    tokenizer,
+    cases: Sequence[EditCase],
+    template: QueryTemplate,
+    hparams: Mapping[str, Any] | CollectHParams | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    use_cache: bool = True,
+) -> CollectionResult:
+    """Collect one neuron per case (in case order); every edit is kept, with its success flag and steps.
+
+    ``cache_dir`` is meg-harness's cache root (default ``$MEG_HARNESS_CACHE``); shards already there are
+    reused and only the remaining edits are collected. ``use_cache=False`` neither reads nor writes it.
+    """
+    started = time.perf_counter()
+    hp = CollectHParams.from_mapping(hparams)
+    if not cases:
+        raise HarnessError("no edit cases to collect neurons for", field="cases")
+    adapter = get_adapter(model)
+    edits = _prepare(model, tokenizer, cases, template, hp)
+    folder = None
+    if use_cache:
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        folder = root / "neurons" / cache_key(model, cases, template, hp)[:24]
+    shards = [range(i, min(i + hp.shard_size, len(edits))) for i in range(0, len(edits), hp.shard_size)]
+    results: list[_ShardResult] = []
+    reused = 0
+    with _frozen(model), tqdm(total=len(edits), desc="collecting neurons", disable=not progress) as bar:
+        collector = _Collector(model, tokenizer, hp, adapter, layer_cached=hp.layer_cache)
+        for j, shard in enumerate(shards):
+            ids = [edits[i].case_id for i in shard]
+            result = _read_shard(folder, j, ids, collector.device) if folder else None
+            if result is not None:
+                reused += len(shard)
+                bar.update(len(shard))
+            else:
+                result = collector.collect([edits[i] for i in shard], bar)
+                if folder:
+                    _write_shard(folder, j, ids, result)
+            results.append(result)
+            done = [s for r in results for s in r.success]
+            bar.set_postfix(success=f"{sum(done)}/{len(done)}")
+    return CollectionResult(
+        case_ids=[e.case_id for e in edits],
+        neurons=NeuronBatch.cat([r.neurons for r in results]),
+        success=[s for r in results for s in r.success],
+        steps=[s for r in results for s in r.steps],
+        losses=[s for r in results for s in r.losses],
+        wall_s=time.perf_counter() - started,
+        layer=collector.neuron.layer,
+        mode="layer-cached" if collector.layer_cached else "full",
+        cache_path=folder,
+        reused=reused,
+    )

@@ -1,0 +1,69 @@
+"""Helpers of the baseline tests (no tests here): deeper tiny models, edit cases, target NLL.
+
+Locate-then-edit needs layers above the last edited one, and a random model with the default init
+(std 0.02) has nearly flat logits; these models have 4 layers and init std 0.2.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+from meg_harness.baselines.ft import _examples, target_nll
+from meg_harness.data.edit_case import EditCase
+from meg_harness.evaluate.templates import get_template
+
+TEMPLATE = get_template("gptj")
+CASES = [
+    EditCase("0", "The capital of France is", "France", "Rome", prompt_template="The capital of {} is"),
+    EditCase("1", "Paris is located in", "Paris", "Spain"),
+    EditCase("2", "The language of Germany is", "Germany", "Finnish"),
+    EditCase("3", "Berlin is a city in", "Berlin", "Japan"),
+]
+STATS = dict(mom2_n_samples=60, mom2_max_length=48, mom2_batch_size=16)
+LOCATE = dict(layers=[1, 2], v_num_grad_steps=15, context_prefixes=1, context_prefix_length=4, **STATS)
+HPARAMS = {
+    "memit": dict(LOCATE, mom2_update_weight=10),
+    "pmet": dict(LOCATE, mom2_update_weight=10, kl_factor=0.0625),
+    "alphaedit": dict(LOCATE, nullspace_threshold=2.0, L2=1),
+    "ft": dict(layers=[1], epochs=10, batch_size=4, lr=0.3),
+}
+
+
+@functools.cache
+def _deep(arch: str, layers: int, seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from meg_harness.models.tiny import _ARCH_CONFIGS, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    kw = _ARCH_CONFIGS[arch]()
+    kw["n_layer" if arch in ("gpt2", "gptj") else "num_hidden_layers"] = layers
+    ids = dict(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = AutoConfig.for_model(
+        kw.pop("model_type"), vocab_size=len(tok), initializer_range=0.2, **ids, **kw
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), tok
+
+
+def deep_model(arch: str = "gpt2", layers: int = 4, seed: int = 0):
+    """A fresh copy of a random ``arch`` model with ``layers`` layers, and its tokenizer."""
+    model, tok = _deep(arch, layers, seed)
+    return copy.deepcopy(model), tok
+
+
+@torch.no_grad()
+def nll(model, tok, cases=CASES) -> torch.Tensor:
+    """Mean NLL of each case's target tokens after its templated prompt."""
+    return target_nll(model, tok, _examples(tok, cases, TEMPLATE))
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def identical(model, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(before[k], v) for k, v in model.state_dict().items())
