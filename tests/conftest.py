@@ -55,13 +55,31 @@ def _offline_hub():
         os.environ["HF_HUB_OFFLINE"] = previous
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _one_torch_thread():
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request):
     """Tiny models are fastest on one thread, and a busy 2-core machine makes multi-threaded small ops
-    very slow (measured ~40x here under load)."""
+    very slow (measured ~40x here under load). Slow (real-model) tests keep torch's default."""
     import torch
 
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_model_dir):
+    """Load (once per module) the tiny model of an architecture: ``tiny_models("llama") -> (model, tok)``."""
+    from meg_harness.models import load_model
+
+    loaded: dict[str, tuple] = {}
+
+    def get(arch: str):
+        if arch not in loaded:
+            loaded[arch] = load_model(str(tiny_model_dir(arch)))
+        return loaded[arch]
+
+    return get

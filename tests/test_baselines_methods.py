@@ -25,14 +25,6 @@ METHODS = ("ft", "memit", "pmet", "alphaedit")
 HPARAMS_DIR = Path(__file__).resolve().parents[1] / "hparams"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def editor(method: str, **overrides):
     instance = get_editor_class(method)({**HPARAMS[method], **overrides})
     instance.progress = False

@@ -18,14 +18,6 @@ from meg_harness.baselines.stats import SecondMoment, layer_second_moments
 from meg_harness.errors import HarnessError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_default_corpus_is_shipped_and_streams_from_an_offset():
     samples = list(iter_corpus("default"))
     assert len(samples) >= 300 and all(s.strip() == s and s for s in samples)

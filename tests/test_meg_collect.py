@@ -26,25 +26,9 @@ TEMPLATE = get_template("gptj")
 FAST = {"layer": 1, "lr": 0.05, "max_steps": 12, "check_every": 4, "batch_size": 3, "shard_size": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (much faster than 2 on a shared CPU, and the same numerics)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def models(tiny_model_dir):
-    loaded: dict[str, tuple] = {}
-
-    def get(arch: str):
-        if arch not in loaded:
-            loaded[arch] = load_model(str(tiny_model_dir(arch)))
-        return loaded[arch]
-
-    return get
+def models(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -58,18 +58,6 @@ def _synthetic_pairs(names: list[str]) -> list[tuple[str, str]]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny models run far faster on one thread (and do not fight other processes for cores)."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_encoder() -> TextEncoder:
     corpus = [text for pair in _synthetic_pairs(_names(64)) for text in pair]

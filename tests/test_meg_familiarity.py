@@ -21,18 +21,9 @@ from meg_harness.meg.familiarity import FamiliarityNetwork, train_familiarity
 DIM = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained():
     """A network trained on 40 random embeddings, with those embeddings."""
-    torch.set_num_threads(1)
     points = torch.randn(40, DIM, generator=torch.Generator().manual_seed(0))
     return train_familiarity(points, seed=0, hidden=128, progress=False), points
 

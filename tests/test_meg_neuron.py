@@ -8,30 +8,14 @@ from transformers import GenerationConfig
 
 from meg_harness.errors import HarnessError
 from meg_harness.meg.neuron import DynamicNeuron, NeuronBatch, NeuronEdited, ffn_has_bias
-from meg_harness.models import TINY_ARCHS, load_model
+from meg_harness.models import TINY_ARCHS
 
 LAYER = 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (much faster than 2 on a shared CPU, and the same numerics)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def models(tiny_model_dir):
-    loaded: dict[str, tuple] = {}
-
-    def get(arch: str):
-        if arch not in loaded:
-            loaded[arch] = load_model(str(tiny_model_dir(arch)))
-        return loaded[arch]
-
-    return get
+def models(tiny_models):
+    return tiny_models
 
 
 def random_neurons(model, n: int, seed: int = 0, scale: float = 0.5) -> NeuronBatch:
