@@ -49,7 +49,8 @@ def run_experiment(
 ) -> dict:
     """Run every method and seed of ``config`` into ``out``; returns {method: averaged metrics}."""
     out = Path(out)
-    editor_classes = {m: get_editor_class(m) for m in config.methods}  # unknown method: fail before work
+    # unknown method: fail before work. "meg@no-fn" is a labelled variant of "meg" (its own hparams and folder)
+    editor_classes = {m: get_editor_class(m.partition("@")[0]) for m in config.methods}
     hparams = {m: load_hparams(config.hparams.get(m), m, config_source) for m in config.methods}
     all_cases = load_cases(
         config.dataset, config.data_path, zsre_target=config.zsre_target, cache_dir=config.cache_dir
@@ -92,8 +93,10 @@ def run_experiment(
                 continue
             log(f"{method} seed {seed}: {len(cases)} edits")
             labels = evaluator.locality_labels(unedited, cases, fingerprint)
+            editor = editor_classes[method](hparams[method])
+            editor.cache_dir = cache_dir
             _run_one(
-                editor_classes[method](hparams[method]),
+                editor,
                 model,
                 tokenizer,
                 cases,
@@ -140,8 +143,12 @@ def _run_one(
                     handle.write(json.dumps(item, ensure_ascii=False) + "\n")
             metrics["timings"]["fit_s"] = fitted - started
             metrics["resources"] = {"peak_rss_mb": peak_rss_mb()}
+            if edited.info:
+                metrics["fit"] = edited.info
             metrics.update(record, versions=versions(), git_sha=git_sha())
-            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            (staging / "metrics.json").write_text(
+                json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n"
+            )
             if target.exists():
                 shutil.rmtree(target)  # an unfinished earlier attempt (no metrics.json)
             staging.rename(target)

@@ -25,6 +25,7 @@ class Edited:
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.info: dict[str, Any] = {}  # what fitting reported (success rates, timings); saved with results
 
     @contextlib.contextmanager
     def rows(self, questions: Sequence[str]) -> Iterator[None]:
@@ -46,6 +47,7 @@ class Editor(ABC):
 
     def __init__(self, hparams: dict[str, Any] | None = None) -> None:
         self.hparams = dict(hparams or {})
+        self.cache_dir: Path | None = None  # None: meg-harness's cache ($MEG_HARNESS_CACHE)
 
     @abstractmethod
     def fit(self, model: Any, tokenizer: Any, cases: Sequence[EditCase], template: QueryTemplate) -> Edited:

@@ -19,6 +19,8 @@ _LAZY: dict[str, str] = {
     "memit": "meg_harness.baselines.memit",
     "pmet": "meg_harness.baselines.pmet",
     "alphaedit": "meg_harness.baselines.alphaedit",
+    "meg": "meg_harness.meg.editor",
+    "malmen": "meg_harness.baselines.malmen",
 }
 
 

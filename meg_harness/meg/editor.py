@@ -1,0 +1,232 @@
+"""The ``meg`` method: the four MeG stages behind the Editor interface (paper 4.1-4.2).
+
+``fit``: (1) text encoder, tuned on pseudo-knowledge pairs disjoint from the edits (cached); (2) familiarity
+network on the edit prompts' embeddings; (3) one neuron per edit by knowledge-weight collection (cached,
+resumable); (4) the weight generator on (embedding -> normalised neuron) pairs (cached, resumable). The result
+is a :class:`~meg_harness.meg.model.MegEdited`; ``save`` writes the MeG artifact, ``load`` reads it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from meg_harness.cache import content_hash, default_cache_dir
+from meg_harness.data.edit_case import EditCase
+from meg_harness.editing.base import Edited, Editor
+from meg_harness.editing.registry import register_method
+from meg_harness.errors import HarnessError
+from meg_harness.evaluate.templates import QueryTemplate
+from meg_harness.meg.collect import collect_neurons
+from meg_harness.meg.diffusion import WeightNormalizer
+from meg_harness.meg.encoder import TextEncoder, load_text_encoder
+from meg_harness.meg.familiarity import train_familiarity
+from meg_harness.meg.generator import GeneratorConfig, build_generator, parameter_count
+from meg_harness.meg.hparams import MEGHyperParams
+from meg_harness.meg.model import MegEdited, MegModel
+from meg_harness.meg.train_generator import train_generator
+from meg_harness.models.adapters import get_adapter
+from meg_harness.models.loading import model_fingerprint
+
+GENERATOR_CACHE_VERSION = "meg-generator/v1"
+
+
+def _tensor_digest(*tensors: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _source_cases(path: str, data_format: str) -> list[EditCase]:
+    from meg_harness.data import load_cases
+
+    return load_cases(data_format, path)
+
+
+def encoder_pairs(hp: MEGHyperParams) -> list[tuple[str, str]]:
+    """The pseudo-knowledge pairs of the encoder section (from its ``pairs`` file)."""
+    from meg_harness.meg.tuning import pairs_from_cases, pairs_from_mquake
+
+    settings = hp.encoder
+    if settings.pairs is None:
+        raise HarnessError(
+            f"encoder tuning {settings.tuning!r} needs pseudo-knowledge pairs: set encoder.pairs to a data "
+            "file disjoint from the edits (e.g. counterfact-train.json), or encoder.tuning: frozen",
+            field="encoder.pairs",
+        )
+    cases = _source_cases(settings.pairs, settings.pairs_format)
+    return pairs_from_mquake(cases) if settings.pairs_format == "mquake" else pairs_from_cases(cases)
+
+
+def irrelevant_prompts(hp: MEGHyperParams, cases: list[EditCase]) -> list[str]:
+    """A.3's pseudo-irrelevant prompts: ``augment.n`` prompts of the augment source absent from the edits."""
+    import random
+
+    source = hp.augment.source or hp.encoder.pairs
+    if source is None:
+        raise HarnessError(
+            "augment needs augment.source (or encoder.pairs) to draw prompts from", field="augment.source"
+        )
+    data_format = hp.augment.source_format or hp.encoder.pairs_format
+    edited = {c.prompt for c in cases} | {r for c in cases for r in c.rephrases}
+    prompts = sorted({c.prompt for c in _source_cases(source, data_format)} - edited)
+    return random.Random(hp.seed).sample(prompts, min(hp.augment.n, len(prompts)))
+
+
+@register_method
+class MegEditor(Editor):
+    """MeG (Massive editing via dynamic weight Generation)."""
+
+    name = "meg"
+
+    def params(self) -> MEGHyperParams:
+        return MEGHyperParams.from_dict(self.hparams)
+
+    def fit(self, model: Any, tokenizer: Any, cases, template: QueryTemplate) -> Edited:
+        hp = self.params()
+        cases = list(cases)
+        device = next(model.parameters()).device
+        info: dict[str, Any] = {}
+        started = time.perf_counter()
+        encoder = self.text_encoder(hp).to(device)
+        info["encoder_s"] = time.perf_counter() - started
+
+        clock = time.perf_counter()
+        prompts = [case.prompt for case in cases]
+        embeddings = encoder.encode(prompts).to(device)
+        familiarity = None
+        if hp.familiarity.enabled:
+            f = hp.familiarity
+            familiarity = train_familiarity(
+                embeddings,
+                seed=hp.seed,
+                progress=False,
+                hidden=f.hidden,
+                n_blocks=f.n_blocks,
+                num_classes=f.num_classes,
+                lr=f.lr,
+                max_epochs=f.max_epochs,
+            )
+            info["familiarity"] = familiarity.train_info
+        info["familiarity_s"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        collection = collect_neurons(model, tokenizer, cases, template, hp.collect, cache_dir=self.cache_dir)
+        info["collection"] = {
+            "success_rate": 100.0 * collection.success_rate,
+            "mean_steps": sum(collection.steps) / len(collection.steps),
+            "mode": collection.mode,
+            "reused": collection.reused,
+        }
+        info["collection_s"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        targets = collection.neurons.flatten().float().cpu()
+        cond = embeddings.float().cpu()
+        if hp.augment.enabled:
+            extra = irrelevant_prompts(hp, cases)
+            cond = torch.cat([cond, encoder.encode(extra).float().cpu()])
+            targets = torch.cat([targets, torch.zeros(len(extra), targets.shape[1])])
+            info["augment_prompts"] = len(extra)
+        generator, generator_config, normalizer, report = self.generator(hp, cond, targets, device)
+        info["generator"] = report
+        info["generator_s"] = time.perf_counter() - clock
+
+        adapter = get_adapter(model)
+        meg = MegModel(
+            encoder=encoder,
+            familiarity=familiarity,
+            generator=generator,
+            generator_config=generator_config,
+            normalizer=normalizer,
+            diffusion=hp.diffusion,
+            layer=collection.layer,
+            hidden=adapter.hidden_size(model),
+            has_bias=bool(collection.neurons.has_bias),
+            threshold=hp.familiarity.threshold,
+            seed=hp.seed,
+            extra={
+                "base_model": getattr(model.config, "_name_or_path", ""),
+                "base_fingerprint": model_fingerprint(model),
+                "template": {"name": template.name, "text": template.text, "terminator": template.terminator},
+                "hparams": hp.to_dict(),
+                "n_edits": len(cases),
+            },
+        ).to(device)
+        edited = MegEdited(model, tokenizer, meg, template)
+        edited.info = info
+        return edited
+
+    def text_encoder(self, hp: MEGHyperParams) -> TextEncoder:
+        """Stage 1: the base encoder, tuned on the pairs unless ``encoder.tuning`` is ``frozen``."""
+        from meg_harness.meg.tuning import tune_encoder
+
+        settings = hp.encoder
+        encoder = load_text_encoder(settings.name)
+        if settings.tuning == "frozen":
+            return encoder
+        return tune_encoder(
+            encoder,
+            encoder_pairs(hp),
+            loss=settings.tuning,
+            tau=settings.tau,
+            lr=settings.lr,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            seed=hp.seed,
+            max_pairs=settings.max_pairs,
+            cache_dir=self.cache_dir,
+        )
+
+    def generator(
+        self, hp: MEGHyperParams, cond: torch.Tensor, targets: torch.Tensor, device: torch.device
+    ) -> tuple[nn.Module, GeneratorConfig, WeightNormalizer, dict[str, Any]]:
+        """Stage 4: train (or read back from the cache) the generator on ``cond -> targets`` (raw neurons)."""
+        config = GeneratorConfig.from_mapping(
+            hp.generator, vector_dim=targets.shape[1], cond_dim=cond.shape[1]
+        )
+        normalizer = WeightNormalizer.fit(targets)
+        key = content_hash(
+            GENERATOR_CACHE_VERSION,
+            _tensor_digest(cond, targets),
+            config.to_dict(),
+            hp.diffusion.to_dict(),
+            {k: v for k, v in hp.train.to_dict().items() if k != "max_minutes"},
+        )
+        folder = Path(self.cache_dir or default_cache_dir()) / "generators" / key[:32]
+        folder.mkdir(parents=True, exist_ok=True)
+        generator = build_generator(config, seed=hp.train.seed).to(device)
+        ema, result = train_generator(
+            generator,
+            cond.to(device),
+            normalizer.normalize(targets).to(device),
+            hp.diffusion,
+            hp.train,
+            checkpoint_dir=folder,
+        )
+        report = {"parameters": parameter_count(ema), **result.to_dict(), "cache": str(folder)}
+        return ema, config, normalizer.to(device), report
+
+    def save(self, edited: Edited, directory: Path) -> None:
+        super().save(edited, directory)
+        if not isinstance(edited, MegEdited):
+            raise HarnessError("the meg editor can only save what its fit returned")
+        edited.meg.save_pretrained(directory)
+        (Path(directory) / "fit.json").write_text(json.dumps(edited.info, indent=2, default=str) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path, model: Any, tokenizer: Any) -> Edited:
+        from meg_harness.evaluate.templates import QueryTemplate
+
+        meg = MegModel.from_pretrained(directory, device=next(model.parameters()).device)
+        spec = (meg.extra or {}).get("template")
+        template = QueryTemplate(spec["name"], spec["text"], spec.get("terminator", "\n")) if spec else None
+        return MegEdited(model, tokenizer, meg, template)

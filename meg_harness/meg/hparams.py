@@ -1,0 +1,187 @@
+"""MeG's hyper-parameters: one EasyEdit-style YAML (``alg_name: MEG``) with a section per stage.
+
+    alg_name: MEG
+    model_name: smollm2-135m
+    layer: 12                      # the FFN that gets the dynamic neuron
+    encoder:     {name, tuning: infonce|mse|frozen, pairs, pairs_format, max_pairs, lr, epochs, tau,
+                  batch_size}
+    familiarity: {enabled, threshold, hidden, n_blocks, num_classes, lr, max_epochs}
+    collect:     CollectHParams fields (layer comes from the top level)
+    generator:   GeneratorConfig fields or a preset (DiT-B, DiT-S, DiT-T, DiT-CPU, MLP)
+    diffusion:   DiffusionConfig fields (ddim_steps: the sampling steps)
+    train:       TrainConfig fields
+    augment:     {enabled, n, source, source_format}   (A.3: pseudo-irrelevant prompts -> zero weights)
+
+Ablation switches (paper tables): ``familiarity.enabled: false`` (5-6), ``generator.preset: MLP``
+(7), ``encoder.tuning`` (4), ``augment.enabled`` (15), ``familiarity.threshold`` (16),
+``diffusion.ddim_steps`` (8).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meg_harness.errors import HarnessError
+from meg_harness.meg.collect import CollectHParams
+from meg_harness.meg.diffusion import DiffusionConfig
+from meg_harness.meg.train_generator import TrainConfig
+
+SECTIONS = ("encoder", "familiarity", "collect", "generator", "diffusion", "train", "augment")
+TOP_LEVEL = ("alg_name", "model_name", "layer", "seed", "base", *SECTIONS)
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """Stage 1 (4.1a). ``pairs``: a data file of pseudo-knowledge (original, paraphrase) pairs disjoint
+    from the edits, read as ``pairs_format`` (counterfact | zsre | mquake); required unless frozen."""
+
+    name: str = "minilm"
+    tuning: str = "infonce"
+    pairs: str | None = None
+    pairs_format: str = "counterfact"
+    max_pairs: int | None = 20000
+    lr: float = 2e-5
+    epochs: int = 1
+    tau: float = 0.05
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class FamiliaritySettings:
+    """Stage 2 (4.1b). ``enabled: false`` routes every query to the generator (the no-FN ablation)."""
+
+    enabled: bool = True
+    threshold: float = 0.1
+    hidden: int = 1024
+    n_blocks: int = 5
+    num_classes: int = 10
+    lr: float = 1e-3
+    max_epochs: int = 1000
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """A.3 data augmentation: ``n`` prompts from ``source`` (a data file disjoint from the edits; default the
+    encoder's pairs file) are trained to generate the all-zero neuron."""
+
+    enabled: bool = False
+    n: int = 256
+    source: str | None = None
+    source_format: str | None = None
+
+
+def _section(cls, mapping: Mapping[str, Any] | None, name: str):
+    values = dict(mapping or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise HarnessError(
+            f"unknown {name} setting(s) {unknown}; known: {sorted(known)}", field=f"{name}.{unknown[0]}"
+        )
+    return cls(**values)
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` applied; nested mappings merge key by key."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+@dataclass(frozen=True)
+class MEGHyperParams:
+    """Validated MeG hyper-parameters (see the module docstring for the YAML layout)."""
+
+    layer: int
+    alg_name: str = "MEG"
+    model_name: str = ""
+    seed: int = 0
+    encoder: EncoderSettings = field(default_factory=EncoderSettings)
+    familiarity: FamiliaritySettings = field(default_factory=FamiliaritySettings)
+    collect: CollectHParams = field(default_factory=CollectHParams)
+    generator: dict[str, Any] = field(default_factory=lambda: {"preset": "DiT-CPU"})
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+
+    @classmethod
+    def from_dict(cls, mapping: Mapping[str, Any], source: str | os.PathLike | None = None) -> MEGHyperParams:
+        """From a mapping (a YAML's contents). ``base: PATH`` loads that YAML first, the rest on top
+        (how a run config states an ablation); errors name ``source`` and the field."""
+        values = dict(mapping)
+        if "base" in values:
+            base = cls.load_mapping(values.pop("base"))
+            values = deep_merge(base, values)
+        try:
+            unknown = sorted(set(values) - set(TOP_LEVEL))
+            if unknown:
+                raise HarnessError(
+                    f"unknown MeG hparam(s) {unknown}; known: {list(TOP_LEVEL)}", field=unknown[0]
+                )
+            if values.get("alg_name", "MEG").upper() != "MEG":
+                raise HarnessError(f"alg_name is {values['alg_name']!r}, not MEG", field="alg_name")
+            layer = values.get("layer")
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise HarnessError(f"layer must be an integer, got {layer!r}", field="layer")
+            collect = {**dict(values.get("collect") or {}), "layer": layer}
+            seed = int(values.get("seed", 0))
+            collect.setdefault("seed", seed)
+            train = {"seed": seed, **dict(values.get("train") or {})}
+            generator = dict(values.get("generator") or {"preset": "DiT-CPU"})
+            from meg_harness.meg.generator import GeneratorConfig
+
+            GeneratorConfig.from_mapping(generator, vector_dim=1, cond_dim=1)  # validate now, dims come later
+            return cls(
+                layer=layer,
+                alg_name="MEG",
+                model_name=str(values.get("model_name", "")),
+                seed=seed,
+                encoder=_section(EncoderSettings, values.get("encoder"), "encoder"),
+                familiarity=_section(FamiliaritySettings, values.get("familiarity"), "familiarity"),
+                collect=CollectHParams.from_mapping(collect),
+                generator=generator,
+                diffusion=DiffusionConfig.from_mapping(values.get("diffusion")),
+                train=TrainConfig.from_mapping(train),
+                augment=_section(AugmentSettings, values.get("augment"), "augment"),
+            )
+        except (HarnessError, TypeError, ValueError) as error:
+            reason = error.reason if isinstance(error, HarnessError) else str(error)
+            field_name = error.field if isinstance(error, HarnessError) else None
+            raise HarnessError(reason, file=source, field=field_name) from None
+
+    @staticmethod
+    def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
+        """A YAML file's mapping (``base:`` chains resolved)."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as error:
+            raise HarnessError(f"cannot read hparams: {error.strerror}", file=path) from None
+        except yaml.YAMLError:
+            raise HarnessError("not valid YAML", file=path) from None
+        if not isinstance(data, dict):
+            raise HarnessError("an hparams file must be a YAML mapping", file=path)
+        if "base" in data:
+            data = deep_merge(MEGHyperParams.load_mapping(data.pop("base")), data)
+        return data
+
+    @classmethod
+    def from_hparams(cls, path: str | os.PathLike) -> MEGHyperParams:
+        """EasyEdit's constructor name: read ``hparams/MEG/<model>.yaml``."""
+        return cls.from_dict(cls.load_mapping(path), source=path)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["collect"] = self.collect.to_dict()
+        return out

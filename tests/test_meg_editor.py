@@ -1,0 +1,180 @@
+"""The ``meg`` method end to end on a tiny model: fit, per-row generation, routing, the artifact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from meg_harness.data import load_cases
+from meg_harness.editing.base import Edited
+from meg_harness.editing.registry import get_editor_class
+from meg_harness.errors import HarnessError
+from meg_harness.evaluate.evaluator import Evaluator
+from meg_harness.evaluate.templates import get_template
+from meg_harness.meg.encoder import make_tiny_text_encoder
+from meg_harness.meg.hparams import MEGHyperParams
+from meg_harness.meg.model import MegEdited
+from meg_harness.models.loading import model_fingerprint
+
+TEMPLATE = get_template("gptj")
+
+
+def tiny_hparams(encoder_dir: str, **overrides) -> dict:
+    hparams = {
+        "alg_name": "MEG",
+        "layer": 1,
+        "encoder": {"name": encoder_dir, "tuning": "frozen"},
+        "familiarity": {"hidden": 64, "n_blocks": 2, "max_epochs": 400, "threshold": 0.1},
+        "collect": {"lr": 0.1, "max_steps": 40, "check_every": 2, "batch_size": 6, "shard_size": 6},
+        "generator": {"kind": "mlp", "hidden": 256, "depth": 2},
+        "diffusion": {"ddim_steps": 10},
+        "train": {
+            "lr": 3e-3,
+            "batch_size": 32,
+            "max_steps": 600,
+            "eval_every": 600,
+            "eval_ddim_steps": 10,
+            "ema_decay": 0.9,
+            "ema_warmup": False,
+            "success_l2": 0.0,
+        },
+    }
+    for key, value in overrides.items():
+        hparams[key] = {**hparams.get(key, {}), **value} if isinstance(value, dict) else value
+    return hparams
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("encoder")
+    make_tiny_text_encoder().save(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return load_cases("counterfact", None)[:6]
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_models, encoder_dir, cases, tmp_path_factory):
+    model, tokenizer = tiny_models("llama")
+    editor = get_editor_class("meg")(tiny_hparams(encoder_dir))
+    editor.cache_dir = tmp_path_factory.mktemp("cache")
+    edited = editor.fit(model, tokenizer, cases, TEMPLATE)
+    return editor, edited
+
+
+def test_hparams_validation_names_the_field(encoder_dir):
+    with pytest.raises(HarnessError) as error:
+        MEGHyperParams.from_dict(tiny_hparams(encoder_dir, familiarity={"thresold": 0.2}))
+    assert error.value.field == "familiarity.thresold"
+    with pytest.raises(HarnessError) as error:
+        MEGHyperParams.from_dict({**tiny_hparams(encoder_dir), "layer": "twelve"})
+    assert error.value.field == "layer"
+
+
+def test_hparams_base_file_with_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("alg_name: MEG\nlayer: 3\nfamiliarity: {threshold: 0.2, hidden: 32}\n")
+    hp = MEGHyperParams.from_dict({"base": str(base), "familiarity": {"enabled": False}})
+    assert (hp.layer, hp.familiarity.threshold, hp.familiarity.hidden, hp.familiarity.enabled) == (
+        3,
+        0.2,
+        32,
+        False,
+    )
+
+
+def test_fit_edits_and_reports(fitted, cases, tiny_models):
+    editor, edited = fitted
+    model, tokenizer = tiny_models("llama")
+    assert isinstance(edited, MegEdited)
+    assert edited.info["collection"]["success_rate"] >= 50.0
+    assert edited.info["generator"]["steps"] == 600
+    evaluator = Evaluator(tokenizer, TEMPLATE, batch_size=4)
+    unedited = Edited(model, tokenizer)
+    labels = evaluator.locality_labels(unedited, cases, model_fingerprint(model))
+    before, _ = evaluator.evaluate(unedited, cases, labels)
+    after, _ = evaluator.evaluate(edited, cases, labels)
+    assert after["reliability_tf"] > before["reliability_tf"] + 30.0, (before, after)
+    assert edited.routed([c.prompt for c in cases]) == [True] * len(cases)  # every edit prompt is familiar
+
+
+def test_rows_are_independent_of_batch_composition(fitted, cases):
+    _, edited = fitted
+    questions = [c.prompt for c in cases[:3]] + ["Who wrote the tiny unrelated question?"]
+    together, active = edited.batch_for(questions)
+    fresh = MegEdited(edited.model, edited.tokenizer, edited.meg)
+    for b, question in enumerate(questions):
+        alone, alone_active = fresh.batch_for([question])
+        assert bool(alone_active[0]) == bool(active[b])
+        assert torch.equal(alone.key[0], together.key[b]) and torch.equal(alone.value[0], together.value[b])
+
+
+def test_routed_away_rows_are_bit_identical(fitted, tiny_models, cases):
+    _, edited = fitted
+    model, tokenizer = tiny_models("llama")
+    never = MegEdited(model, tokenizer, edited.meg)
+    never.meg = type(edited.meg)(**{**edited.meg.__dict__, "threshold": 0.0})  # H < 0 never holds
+    ids = tokenizer([cases[0].prompt], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        plain = model(ids).logits
+        with never.rows([cases[0].prompt]):
+            hooked = model(ids).logits
+        with edited.rows([cases[0].prompt]):
+            routed = model(ids).logits
+    assert torch.equal(plain, hooked)
+    assert not torch.equal(plain, routed)
+
+
+def test_no_familiarity_ablation_routes_everything(tiny_models, encoder_dir, cases, tmp_path):
+    model, tokenizer = tiny_models("llama")
+    editor = get_editor_class("meg")(
+        tiny_hparams(encoder_dir, familiarity={"enabled": False}, train={"max_steps": 20})
+    )
+    editor.cache_dir = tmp_path
+    edited = editor.fit(model, tokenizer, cases[:2], TEMPLATE)
+    assert edited.meg.familiarity is None
+    assert edited.routed(["anything at all", cases[0].prompt]) == [True, True]
+
+
+def test_save_then_load_in_a_fresh_process_gives_identical_metrics(fitted, tiny_model_dir, cases, tmp_path):
+    editor, edited = fitted
+    artifact = tmp_path / "artifact"
+    editor.save(edited, artifact)
+    assert {"editor.json", "config.json", "generator.safetensors", "normalizer.safetensors"} <= {
+        p.name for p in artifact.iterdir()
+    }
+    model, tokenizer = edited.model, edited.tokenizer
+    evaluator = Evaluator(tokenizer, TEMPLATE, batch_size=4, cache_dir=tmp_path / "labels")
+    labels = evaluator.locality_labels(Edited(model, tokenizer), cases, model_fingerprint(model))
+    metrics, _ = evaluator.evaluate(edited, cases, labels)
+    script = textwrap.dedent(
+        f"""
+        import json, torch
+        torch.set_num_threads(1)
+        from meg_harness.data import load_cases
+        from meg_harness.editing.base import Edited
+        from meg_harness.editing.registry import get_editor_class
+        from meg_harness.evaluate.evaluator import Evaluator
+        from meg_harness.models import load_model
+        from meg_harness.models.loading import model_fingerprint
+        model, tok = load_model({str(tiny_model_dir("llama"))!r})
+        edited = get_editor_class("meg").load({str(artifact)!r}, model, tok)
+        cases = load_cases("counterfact", None)[:6]
+        ev = Evaluator(tok, edited.template, batch_size=4, cache_dir={str(tmp_path / "labels2")!r})
+        labels = ev.locality_labels(Edited(model, tok), cases, model_fingerprint(model))
+        metrics, _ = ev.evaluate(edited, cases, labels)
+        print(json.dumps({{k: v for k, v in metrics.items() if k.endswith(("_tf", "_ag")) or k == "score"}}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    reloaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert reloaded == {k: metrics[k] for k in reloaded}
+    assert len(reloaded) == 7

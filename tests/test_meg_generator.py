@@ -1,0 +1,225 @@
+"""MeG's weight generators, the diffusers-based diffusion process and generator training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from meg_harness.errors import HarnessError
+from meg_harness.meg.diffusion import DiffusionConfig, WeightNormalizer, ddim_sample, v_prediction_loss
+from meg_harness.meg.generator import GeneratorConfig, build_generator, parameter_count
+from meg_harness.meg.train_generator import TrainConfig, l2_report, train_generator
+
+SMALL_DIT = {"kind": "dit", "patch_size": 10, "hidden": 32, "depth": 2, "heads": 2}
+SMALL_MLP = {"kind": "mlp", "hidden": 64, "depth": 2}
+
+
+def test_dit_pads_patches_and_starts_at_zero_output():
+    config = GeneratorConfig.from_mapping(SMALL_DIT, vector_dim=33, cond_dim=8)
+    assert config.num_patches == 4  # 33 values -> 4 patches of 10 (7 zeros of padding)
+    dit = build_generator(config)
+    x, t, c = torch.randn(3, 33), torch.tensor([0, 10, 999]), torch.randn(3, 8)
+    out = dit(x, t, c)
+    assert out.shape == (3, 33)
+    assert torch.count_nonzero(out) == 0  # adaLN-Zero + zeroed output layer: the DiT's init
+
+
+def test_generator_config_errors_name_the_field():
+    with pytest.raises(HarnessError) as error:
+        GeneratorConfig.from_mapping({"preset": "DiT-XXL"}, vector_dim=4, cond_dim=4)
+    assert error.value.field == "preset"
+    with pytest.raises(HarnessError) as error:
+        GeneratorConfig.from_mapping({"hidden": 30, "heads": 4}, vector_dim=4, cond_dim=4)
+    assert error.value.field == "heads"
+
+
+def test_v_prediction_loss_uses_the_v_target():
+    """With a model that outputs the true velocity the loss is 0; the target is sqrt(a) eps - sqrt(1-a) x0."""
+    config = DiffusionConfig()
+    scheduler = config.train_scheduler()
+    x0 = torch.randn(5, 12)
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (5,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    alpha = scheduler.alphas_cumprod[t].unsqueeze(1)
+    x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+    velocity = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, steps, cond):
+            assert torch.allclose(x, x_t, atol=1e-5)
+            assert torch.equal(steps, t)
+            return velocity
+
+    loss = v_prediction_loss(Oracle(), x0, torch.zeros(5, 2), scheduler, torch.Generator().manual_seed(3))
+    assert float(loss) < 1e-10
+
+
+@pytest.mark.parametrize("steps", [1000, 50, 10])
+def test_ddim_with_an_exact_velocity_model_recovers_the_data(steps):
+    """DDIM (v-prediction, eta 0, no clipping) from any noise lands on x0 when the model's v is exact."""
+    config = DiffusionConfig()
+    alphas = config.train_scheduler().alphas_cumprod
+    x0 = torch.randn(4, 9) * 3.0  # beyond [-1, 1]: clip_sample would destroy it
+
+    class Exact(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, cond):
+            a = alphas[t].unsqueeze(1)
+            noise = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    out = ddim_sample(Exact(), torch.zeros(4, 2), 9, config, steps=steps, seed=1)
+    assert torch.allclose(out, x0, atol=1e-3)
+
+
+def test_normalizer_round_trips_and_keeps_constant_dimensions_finite():
+    vectors = torch.randn(6, 5) * torch.tensor([1.0, 10.0, 0.1, 2.0, 0.0]) + 3
+    normalizer = WeightNormalizer.fit(vectors)
+    z = normalizer.normalize(vectors)
+    assert torch.allclose(z[:, :4].mean(0), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(z[:, :4].std(0, unbiased=False), torch.ones(4), atol=1e-4)
+    assert torch.equal(z[:, 4], torch.zeros(6))  # a constant dimension: std 1, value 0
+    assert torch.allclose(normalizer.denormalize(z), vectors, atol=1e-5)
+
+
+def test_l2_report_is_mean_plus_std_of_row_distances():
+    generated = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    report = l2_report(generated, torch.zeros(2, 2))
+    assert report["l2_mean"] == pytest.approx(2.5)
+    assert report["l2_std"] == pytest.approx(2.5)
+    assert report["l2_mean_plus_std"] == pytest.approx(5.0)
+
+
+def _pairs(n=4, dim=21, cond_dim=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, cond_dim, generator=gen), torch.randn(n, dim, generator=gen)
+
+
+@pytest.mark.parametrize("spec", [SMALL_MLP, SMALL_DIT], ids=["mlp", "dit"])
+def test_training_memorises_the_pairs(spec):
+    cond, targets = _pairs()
+    config = GeneratorConfig.from_mapping(spec, vector_dim=targets.shape[1], cond_dim=cond.shape[1])
+    diffusion = DiffusionConfig(ddim_steps=20)
+    before = l2_report(ddim_sample(build_generator(config), cond, 21, diffusion), targets)["l2_mean"]
+    train = TrainConfig(
+        lr=3e-3,
+        batch_size=64,
+        max_steps=400,
+        eval_every=400,
+        eval_ddim_steps=20,
+        ema_decay=0.9,
+        ema_warmup=False,
+        success_l2=0.0,
+    )
+    ema, result = train_generator(build_generator(config), cond, targets, diffusion, train, progress=False)
+    after = result.evaluations[-1]["l2_mean"]
+    assert result.steps == 400
+    assert result.losses[-1] < 0.5 * 1.0  # v-loss starts near E||v||^2 = 1 per dimension
+    assert after < 0.5 * before, (before, after)
+
+
+def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
+    cond, targets = _pairs()
+    config = GeneratorConfig.from_mapping(SMALL_MLP, vector_dim=21, cond_dim=6)
+    diffusion = DiffusionConfig(ddim_steps=5)
+    common = dict(
+        lr=1e-3, batch_size=8, eval_every=10, eval_ddim_steps=5, checkpoint_every=10, success_l2=0.0
+    )
+    whole, _ = train_generator(
+        build_generator(config), cond, targets, diffusion, TrainConfig(max_steps=30, **common), progress=False
+    )
+    folder = tmp_path / "ckpt"
+    train_generator(
+        build_generator(config),
+        cond,
+        targets,
+        diffusion,
+        TrainConfig(max_steps=20, **common),
+        checkpoint_dir=folder,
+        progress=False,
+    )
+    resumed, result = train_generator(
+        build_generator(config),
+        cond,
+        targets,
+        diffusion,
+        TrainConfig(max_steps=30, **common),
+        checkpoint_dir=folder,
+        progress=False,
+    )
+    assert result.resumed_from == 20 and result.steps == 30
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# Paper configurations (A.3): DiT-B/100-value patches over each model's neuron vector, conditioned on
+# BERT-base's 768-wide [CLS]. Neuron widths come from the adapters on config-only (meta-device) models.
+PAPER_MODELS = {
+    "phi-2": (
+        "PhiConfig",
+        dict(
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            vocab_size=51200,
+        ),
+        29,
+        5121,
+    ),
+    "gpt-j-6b": (
+        "GPTJConfig",
+        dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, vocab_size=50400),
+        9,
+        8193,
+    ),
+    "llama3-8b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+        ),
+        14,
+        8192,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_MODELS))
+def test_paper_configurations_build_from_config(name, capsys):
+    import transformers
+
+    from meg_harness.meg.hparams import MEGHyperParams
+    from meg_harness.meg.neuron import ffn_has_bias
+    from meg_harness.models.adapters import get_adapter
+
+    config_class, values, layer, width = PAPER_MODELS[name]
+    hp = MEGHyperParams.from_hparams(f"hparams/MEG/{name}.yaml")
+    assert hp.layer == layer
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**values))
+    adapter = get_adapter(model)
+    vector_dim = 2 * adapter.hidden_size(model) + int(ffn_has_bias(model, hp.layer, adapter))
+    assert vector_dim == width
+    config = GeneratorConfig.from_mapping(hp.generator, vector_dim=vector_dim, cond_dim=768)
+    assert (config.hidden, config.depth, config.heads, config.patch_size) == (768, 12, 12, 100)
+    with torch.device("meta"):
+        dit = build_generator(config)
+    count = parameter_count(dit)
+    with capsys.disabled():
+        print(
+            f"\n{name}: neuron width {vector_dim}, {config.num_patches} patches, "
+            f"DiT-B {count / 1e6:.1f}M params"
+        )
+    assert 100e6 < count < 200e6
+    assert math.ceil(width / 100) == config.num_patches
