@@ -58,6 +58,129 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+HPARAMS_DIR = Path(__file__).resolve().parent.parent / "hparams" / "MEG"
+
+
+def _collect_hparams_path(value: str | None, model: str) -> Path:
+    """``--hparams`` as given, else ``hparams/MEG/collect-<model>.yaml`` when the model is an alias that has
+    one, else the SmolLM2 file (its ``layer`` is swept anyway)."""
+    if value is not None:
+        return Path(value)
+    own = HPARAMS_DIR / f"collect-{model.lower()}.yaml"
+    path = own if own.is_file() else HPARAMS_DIR / "collect-smollm2-135m.yaml"
+    if not path.is_file():
+        raise HarnessError(f"no default collection hparams at {path}; pass --hparams", field="hparams")
+    return path
+
+
+def _display_path(path: Path) -> str:
+    """``path`` relative to the repository (for the shipped hparams), else as given."""
+    try:
+        return str(path.resolve().relative_to(HPARAMS_DIR.parent.parent))
+    except ValueError:
+        return str(path)
+
+
+def _cmd_layer_sweep(args: argparse.Namespace) -> int:
+    import json
+
+    from meg_harness.cache import atomic_write_text
+    from meg_harness.data import load_cases, select_cases
+    from meg_harness.evaluate.templates import get_template
+    from meg_harness.meg.collect import CollectHParams
+    from meg_harness.meg.layer_sweep import (
+        best_layer,
+        check_layers,
+        parse_layers,
+        plot_sweep,
+        sweep_layers,
+        sweep_markdown,
+        sweep_table,
+    )
+    from meg_harness.models import get_adapter, load_model, model_fingerprint
+    from meg_harness.provenance import git_sha, versions
+
+    started = time.perf_counter()
+    # everything a user can get wrong is checked before the model is loaded or anything is written
+    layers = parse_layers(args.layers) if args.layers is not None else None
+    index_range = tuple(args.range) if args.range is not None else None
+    cases = select_cases(
+        load_cases(args.dataset, args.data, cache_dir=args.cache_dir), args.n, args.seed, index_range
+    )
+    hparams_path = _collect_hparams_path(args.hparams, args.model)
+    hparams = CollectHParams.from_yaml(hparams_path)
+    template_override = get_template(args.template) if args.template is not None else None
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    adapter = get_adapter(model)
+    template = template_override or get_template(adapter.default_template(model, tok))
+    n_layers = adapter.num_layers(model)
+    layers = check_layers(model, layers if layers is not None else list(range(n_layers)))
+
+    def report(row: dict) -> None:
+        cached = f", {row['reused']} reused" if row["reused"] else ""
+        print(
+            f"layer {row['layer']:>3}: Reliability AG {row['reliability_ag']:6.2f}% "
+            f"({row['n_success']}/{row['n']}), mean steps {row['mean_steps']:.1f}, "
+            f"{row['wall_s']:.1f} s{cached}",
+            flush=True,
+        )
+
+    print(f"layer sweep of {args.model}: {len(cases)} edits x {len(layers)} layers", flush=True)
+    rows = sweep_layers(
+        model,
+        tok,
+        cases,
+        template,
+        hparams,
+        layers,
+        args.cache_dir,
+        progress=sys.stderr.isatty(),
+        on_row=report,
+    )
+    meta = {
+        "model": args.model,
+        "model_family": adapter.family,
+        "model_fingerprint": model_fingerprint(model),
+        "num_layers": n_layers,
+        "dataset": args.dataset,
+        "data": args.data,
+        "n": len(cases),
+        "seed": args.seed,
+        "range": list(index_range) if index_range is not None else None,
+        "layers": layers,
+        "template": {"name": template.name, "text": template.text},
+        "hparams_file": _display_path(hparams_path),
+        "hparams": {k: v for k, v in hparams.to_dict().items() if k != "layer"},
+        "case_ids": [c.case_id for c in cases],
+        "device": args.device,
+        "dtype": args.dtype,
+        "best_layer": best_layer(rows),
+        "collection_wall_s": sum(r["wall_s"] for r in rows),  # as first computed (see layer_sweep.py)
+        "run_wall_s": time.perf_counter() - started,  # this invocation (small when layers were cached)
+        "versions": versions(),
+        "git_sha": git_sha(),
+    }
+    out = Path(args.out)
+    title = f"{args.model} / {args.dataset}: single-neuron Reliability AG per layer (n={len(cases)})"
+    plot_sweep(rows, out / "layer_sweep.png", title)
+    texts = {
+        "layer_sweep.md": sweep_markdown(rows, meta),
+        "layer_sweep.json": json.dumps({"rows": rows, "meta": meta}, indent=2, sort_keys=True) + "\n",
+    }
+    for name, text in texts.items():
+        atomic_write_text(out / name, text)
+        (out / name).chmod(0o644)  # the temp file it came from was private; results are meant to be shared
+    print(sweep_table(rows), end="")
+    best = next(r for r in rows if r["layer"] == meta["best_layer"])
+    print(
+        f"best layer: {best['layer']} (Reliability AG {best['reliability_ag']:.2f}%, "
+        f"mean steps {best['mean_steps']:.1f})"
+    )
+    print(f"layer sweep finished in {meta['run_wall_s']:.0f} s; results in {out}")
+    return 0
+
+
 def _cmd_tasks_path(args: argparse.Namespace) -> int:
     print(resources.files("meg_harness") / "tasks")
     return 0
@@ -91,6 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--arch", default="llama", choices=["gpt2", "llama", "gptj", "phi"])
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=_cmd_make_tiny_model)
+
+    sweep = commands.add_parser(
+        "layer-sweep", help="single-neuron Reliability (AG) of MeG neuron collection per layer (paper A.4)"
+    )
+    sweep.add_argument("--model", default="smollm2-135m", help="model path, hub id or alias")
+    sweep.add_argument("--dataset", default="counterfact", help="zsre | counterfact | mquake | unke")
+    sweep.add_argument("--data", help="data file, URL, hf://... or 'download' (default: demo data)")
+    sweep.add_argument("--n", type=int, default=32, help="edits sampled (default: %(default)s)")
+    sweep.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    sweep.add_argument(
+        "--range", type=int, nargs=2, metavar=("START", "END"), help="keep file indices in [START, END)"
+    )
+    sweep.add_argument("--layers", help="e.g. 0-29 or 2,4,6 (default: every layer of the model)")
+    sweep.add_argument(
+        "--hparams", help="collection hparams YAML (default: hparams/MEG/collect-<model>.yaml or SmolLM2's)"
+    )
+    sweep.add_argument("--template", help="query template name or text with {} (default: the model's)")
+    sweep.add_argument("--device", default="cpu")
+    sweep.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    sweep.add_argument("--cache-dir", help="meg-harness cache (default: $MEG_HARNESS_CACHE)")
+    sweep.add_argument("--out", required=True, help="output folder")
+    sweep.set_defaults(handler=_cmd_layer_sweep)
 
     tasks = commands.add_parser("tasks-path", help="the folder to pass to lm_eval --include_path")
     tasks.set_defaults(handler=_cmd_tasks_path)

@@ -208,7 +208,14 @@ def plot_sweep(rows: Sequence[Row], path: str | os.PathLike, title: str = "") ->
         steps.set_ylabel("mean optimisation steps", color="tab:gray")
         steps.set_ylim(bottom=0)
         handles = ax.get_legend_handles_labels()[0] + steps.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, loc="best", fontsize="small")
+        ax.legend(
+            handles=handles,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.14),
+            ncol=3,
+            fontsize="small",
+            frameon=False,
+        )
         if title:
             ax.set_title(title)
         fig.tight_layout()
@@ -216,7 +223,7 @@ def plot_sweep(rows: Sequence[Row], path: str | os.PathLike, title: str = "") ->
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            fig.savefig(tmp, format="png", dpi=120)
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:
