@@ -54,17 +54,28 @@ def main() -> None:
     greedy_answers(Edited(model, tokenizer), probes, batch_size=config["batch_size"], max_new_tokens=20)
     llm_s = (time.perf_counter() - started) / len(questions)
     print(f"{len(cases)} cases; LLM answer generation: {llm_s:.4f} s/query")
-    print("| DDIM steps | Rel AG | Rel TF | Gen AG | Gen TF | Loc AG | Loc TF | Score | s/neuron | Proportion |")
+    print(
+        "| DDIM steps | Rel AG | Rel TF | Gen AG | Gen TF | Loc AG | Loc TF | Score | s/neuron | Proportion |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for steps in args.steps:
-        meg = dataclasses.replace(edited.meg, diffusion=dataclasses.replace(edited.meg.diffusion, ddim_steps=steps))
+        meg = dataclasses.replace(
+            edited.meg, diffusion=dataclasses.replace(edited.meg.diffusion, ddim_steps=steps)
+        )
         started = time.perf_counter()
         meg.neurons_for(questions)
         per_neuron = (time.perf_counter() - started) / len(questions)
         variant = type(edited)(model, tokenizer, meg, edited.template)
         metrics, _ = evaluator.evaluate(variant, cases, labels)
         share = per_neuron / (per_neuron + llm_s)
-        keys = ("reliability_ag", "reliability_tf", "generality_ag", "generality_tf", "locality_ag", "locality_tf")
+        keys = (
+            "reliability_ag",
+            "reliability_tf",
+            "generality_ag",
+            "generality_tf",
+            "locality_ag",
+            "locality_tf",
+        )
         cells = " | ".join(f"{metrics[k]:.2f}" for k in (*keys, "score"))
         print(f"| {steps} | {cells} | {per_neuron:.4f} | {100 * share:.2f}% |", flush=True)
 

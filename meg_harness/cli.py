@@ -11,7 +11,7 @@ from pathlib import Path
 
 from meg_harness.errors import HarnessError
 
-DEMO_METHODS = ["none"]
+DEMO_METHODS = ["none", "meg"]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -32,8 +32,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     out = Path(args.out)
+    demo_hparams = resources.files("meg_harness") / "data" / "demo" / "meg-smollm2-135m.yaml"
     config = RunConfig(
-        model=args.model, dataset="counterfact", data_path=None, n_edits=None, methods=list(DEMO_METHODS)
+        model=args.model,
+        dataset="counterfact",
+        data_path=None,
+        n_edits=None,
+        methods=list(args.methods),
+        hparams={"meg": str(demo_hparams)} if "meg" in args.methods else {},
     )
     run_experiment(config, out, config_source="demo")
     board = leaderboard(out, "md")
@@ -194,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="meg-harness-demo", help="output folder (default: %(default)s)")
     demo.add_argument(
         "--model", default="smollm2-135m", help="model path, hub id or alias (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--methods", nargs="+", default=DEMO_METHODS, help="methods to run (default: %(default)s)"
     )
     demo.set_defaults(handler=_cmd_demo)
 

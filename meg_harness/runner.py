@@ -49,7 +49,7 @@ def run_experiment(
 ) -> dict:
     """Run every method and seed of ``config`` into ``out``; returns {method: averaged metrics}."""
     out = Path(out)
-    # unknown method: fail before work. "meg@no-fn" is a labelled variant of "meg" (its own hparams and folder)
+    # unknown method: fail before work; "meg@no-fn" is a labelled variant of "meg" (own hparams and folder)
     editor_classes = {m: get_editor_class(m.partition("@")[0]) for m in config.methods}
     hparams = {m: load_hparams(config.hparams.get(m), m, config_source) for m in config.methods}
     all_cases = load_cases(

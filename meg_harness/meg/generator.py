@@ -30,7 +30,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "DiT-B": {"kind": "dit", "hidden": 768, "depth": 12, "heads": 12},
     "DiT-S": {"kind": "dit", "hidden": 384, "depth": 12, "heads": 6},
     "DiT-T": {"kind": "dit", "hidden": 256, "depth": 6, "heads": 4},
-    "DiT-CPU": {"kind": "dit", "hidden": 192, "depth": 4, "heads": 4},
+    "DiT-CPU": {"kind": "dit", "hidden": 128, "depth": 4, "heads": 4},
     "MLP": {"kind": "mlp", "hidden": 2048, "depth": 3},
 }
 
@@ -44,7 +44,7 @@ class GeneratorConfig:
     cond_dim: int
     kind: str = "dit"
     patch_size: int = 100
-    hidden: int = 192
+    hidden: int = 128
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0

@@ -190,24 +190,32 @@ def train_generator(
             result.evaluations.append(evaluation)
             result.success = evaluation["l2_mean_plus_std"] < config.success_l2
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", l2=f"{evaluation['l2_mean_plus_std']:.3f}")
-        out_of_time = (
-            config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
+        out_of_time = _agreed(
+            accelerator,
+            config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes,
         )
         done = result.success and result.steps >= config.min_steps
-        if (
-            path is not None
-            and rank == 0
-            and (result.steps % config.checkpoint_every == 0 or done or out_of_time)
-        ):
+        if path is not None and (result.steps % config.checkpoint_every == 0 or done or out_of_time):
             result.wall_s += time.perf_counter() - started
             started = time.perf_counter()
-            _save_checkpoint(path, _state(accelerator, model, optimizer, ema, result, generator_rng))
+            state = _state(accelerator, model, optimizer, ema, result, generator_rng)  # collective: all ranks
+            if rank == 0:
+                _save_checkpoint(path, state)
         accelerator.wait_for_everyone()
         if done or out_of_time:
             break
     bar.close()
     result.wall_s += time.perf_counter() - started
     return _ema_copy(accelerator.unwrap_model(model), ema, copy), result
+
+
+def _agreed(accelerator, flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (a wall-clock decision must not differ between DDP processes)."""
+    if accelerator.num_processes == 1:
+        return flag
+    from accelerate.utils import broadcast_object_list
+
+    return bool(broadcast_object_list([flag])[0])
 
 
 def _state(accelerator, model, optimizer, ema, result: TrainResult, rng: torch.Generator) -> dict[str, Any]:
@@ -273,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_config = GeneratorConfig.from_mapping(
         settings.get("generator", {}), vector_dim=neurons.shape[1], cond_dim=cond.shape[1]
     )
-    accelerator = Accelerator(mixed_precision=train.mixed_precision)
+    accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available())
     normalizer = WeightNormalizer.fit(neurons)
     generator = build_generator(gen_config, seed=train.seed)
     out = Path(args.out)
