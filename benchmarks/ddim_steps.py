@@ -1,6 +1,6 @@
 """Table 8 on this machine: MeG's metrics and generation cost per DDIM step count.
 
-    python benchmarks/ddim_steps.py RUN_DIR [--steps 10 50 100 1000] [--seed 0] [--threads 1]
+    python benchmarks/ddim_steps.py RUN_DIR [--steps 10 50 100 1000] [--seed 0] [--threads 1] [--n N]
 
 RUN_DIR is a ``meg-harness run`` output folder with a ``meg`` result (``RUN_DIR/meg/seed<k>/artifact``). For
 each step count it re-scores the run's cases with the artifact at that many DDIM steps (the six metrics and
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 50, 100, 1000])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--n", type=int, default=None, help="score only the run's first N cases")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = json.loads((args.run_dir / "run_config.json").read_text())
@@ -45,7 +46,7 @@ def main() -> None:
         args.seed,
         tuple(config["range"]) if config["range"] else None,
         config["one_per_subject"],
-    )
+    )[: args.n]
     evaluator = Evaluator(tokenizer, edited.template, batch_size=config["batch_size"])
     labels = evaluator.locality_labels(Edited(model, tokenizer), cases, model_fingerprint(model))
     questions = [c.prompt for c in cases]

@@ -1,12 +1,14 @@
 """The lm-eval models ``meg`` (MeG: a generated neuron per query) and ``edited`` (a saved weight edit).
 
     lm_eval --model meg    --model_args pretrained=PATH_OR_ALIAS,meg_path=ARTIFACT_DIR ...
+    lm_eval --model meg    --model_args pretrained=...,meg_path=...,route=all,ddim_steps=50 ...
     lm_eval --model edited --model_args pretrained=PATH_OR_ALIAS,delta=ARTIFACT_DIR ...
     lm_eval --model edited --model_args pretrained=PATH_OR_ALIAS ...        (the unedited model)
 
 Each run loads a fresh model and applies the edit once; nothing is restored. Every other model arg is
 HFLM's (``batch_size``, ``device``, ``max_length``, ...), plus ``template`` and ``cache_dir`` (see
-:class:`PerRowHFLM`). ``delta`` here is a meg-harness artifact folder, not HFLM's own ``delta``.
+:class:`PerRowHFLM`); ``meg`` also takes ``route`` and ``ddim_steps`` (see :class:`MegLM`). ``delta``
+here is a meg-harness artifact folder, not HFLM's own ``delta``.
 """
 
 from __future__ import annotations
@@ -21,10 +23,24 @@ from meg_harness.editing.base import Edited, Editor
 from meg_harness.errors import HarnessError
 from meg_harness.lm_eval_plugin.artifacts import artifact_method, load_artifact
 from meg_harness.lm_eval_plugin.perrow import PerRowHFLM
+from meg_harness.meg.model import check_routing
 
 MEG_SOURCE = (
     "MeG artifacts come from `meg-harness run` with `methods: [meg]` (the folder <out>/meg/seed<k>/artifact)"
 )
+
+
+def _positive_int(value: Any, field: str) -> int | None:
+    """``value`` (an int or its text) as a positive int; None stays None."""
+    if value is None:
+        return None
+    try:
+        number = int(str(value))
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise HarnessError(f"{field} must be a positive integer, got {value!r}", field=field)
+    return number
 
 
 def load_edited(meg_path: str | Path, model: Any, tokenizer: Any) -> Edited:
@@ -60,16 +76,50 @@ def load_edited(meg_path: str | Path, model: Any, tokenizer: Any) -> Edited:
 
 @register_model("meg")
 class MegLM(PerRowHFLM):
-    """MeG: each batch row gets the neuron generated for its own question (or none when routed away)."""
+    """MeG: each batch row gets the neuron generated for its own question (or none when routed away).
 
-    def __init__(self, pretrained: str, meg_path: str | None = None, **kwargs: Any) -> None:
+    Model args beyond :class:`PerRowHFLM`'s: ``meg_path`` (the artifact folder), ``route`` (``auto``: the
+    familiarity network decides; ``all``: every query gets a generated neuron, the no-FN ablation; ``none``:
+    no query does) and ``ddim_steps`` (overrides the artifact's DDIM step count).
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        meg_path: str | None = None,
+        route: str | None = "auto",
+        ddim_steps: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not meg_path:
             raise HarnessError(f"--model meg needs meg_path=ARTIFACT_DIR; {MEG_SOURCE}", field="meg_path")
         self.meg_path = str(meg_path)
+        # lm-eval's model-args parser turns the text "none" into None
+        self.route = check_routing("none" if route is None else str(route))
+        self.ddim_steps = _positive_int(ddim_steps, "ddim_steps")
         super().__init__(pretrained, **kwargs)
 
     def load_edited(self, model: Any, tokenizer: Any) -> Edited:
-        return load_edited(self.meg_path, model, tokenizer)
+        edited = load_edited(self.meg_path, model, tokenizer)
+        configure = getattr(edited, "configure", None)
+        if configure is None:
+            if self.route != "auto" or self.ddim_steps is not None:
+                raise HarnessError("this MeG loader does not support route= or ddim_steps=", field="route")
+            return edited
+        configure(routing=self.route, ddim_steps=self.ddim_steps)
+        return edited
+
+    def get_model_info(self) -> dict:
+        """HFLM's model info plus the artifact's MeG settings (``meg_*``) and the routing counts so far."""
+        info = super().get_model_info()
+        info["meg_path"] = self.meg_path
+        meg = getattr(self.edited, "meg", None)
+        if meg is not None:
+            info.update({f"meg_{k}": v for k, v in meg.describe().items()})
+        stats = getattr(self.edited, "stats", None)
+        if stats is not None:
+            info.update({f"meg_{k}": v for k, v in stats.items()})
+        return info
 
 
 @register_model("edited")

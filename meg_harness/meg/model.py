@@ -19,6 +19,7 @@ The artifact (``save_pretrained`` / ``from_pretrained``)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -43,6 +44,9 @@ ARTIFACT_FORMAT = "meg-harness/meg-artifact/v1"
 CONFIG_FILE = "config.json"
 GENERATOR_FILE = "generator.safetensors"
 NORMALIZER_FILE = "normalizer.safetensors"
+ROUTING_MODES = ("auto", "all", "none")
+"""``auto``: the familiarity network decides (every query without one); ``all``: every query gets a generated
+neuron (the no-FN ablation at inference); ``none``: no query does (the base model)."""
 
 
 def query_seed(seed: int, question: str) -> int:
@@ -72,6 +76,10 @@ class MegModel:
     threshold: float
     seed: int = 0
     extra: dict[str, Any] | None = None  # provenance saved in config.json (hparams, base model, template)
+    routing: str = "auto"  # one of ROUTING_MODES; an inference setting, not saved in the artifact
+
+    def __post_init__(self) -> None:
+        check_routing(self.routing)
 
     @property
     def device(self) -> torch.device:
@@ -85,12 +93,41 @@ class MegModel:
         self.normalizer.to(device)
         return self
 
+    def configure(self, *, routing: str | None = None, ddim_steps: int | None = None) -> MegModel:
+        """Set the routing mode and/or the DDIM step count used for sampling (in place)."""
+        if routing is not None:
+            self.routing = check_routing(routing)
+        if ddim_steps is not None:
+            self.diffusion = dataclasses.replace(self.diffusion, ddim_steps=int(ddim_steps))
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that decide what this model generates (for run reports)."""
+        extra = self.extra or {}
+        return {
+            "layer": self.layer,
+            "threshold": self.threshold,
+            "ddim_steps": self.diffusion.ddim_steps,
+            "familiarity": self.familiarity is not None,
+            "routing": self.routing,
+            "base_model": extra.get("base_model"),
+            "n_edits": extra.get("n_edits"),
+            "generator": self.generator_config.kind,
+            "seed": self.seed,
+        }
+
     @torch.no_grad()
     def route(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(routed mask ``[n]``, entropy ``[n]`` or None without a familiarity network)."""
-        if self.familiarity is None:
-            return torch.ones(len(embeddings), dtype=torch.bool), None
-        entropy = self.familiarity.entropy(embeddings).cpu()
+        """(routed mask ``[n]``, entropy ``[n]`` or None without a familiarity network).
+
+        ``routing`` overrides the familiarity network's decision (``all``, ``none``); the entropies are still
+        reported when there is a network.
+        """
+        entropy = None if self.familiarity is None else self.familiarity.entropy(embeddings).cpu()
+        if self.routing == "none":
+            return torch.zeros(len(embeddings), dtype=torch.bool), entropy
+        if self.routing == "all" or entropy is None:
+            return torch.ones(len(embeddings), dtype=torch.bool), entropy
         return entropy < self.threshold, entropy
 
     @torch.no_grad()
@@ -108,7 +145,11 @@ class MegModel:
     def neurons_for(
         self, questions: Sequence[str], steps: int | None = None
     ) -> tuple[NeuronBatch, torch.Tensor, torch.Tensor | None]:
-        """Per-row neurons (zeros where routed away), the routed mask, and the entropies."""
+        """Per-row neurons (zeros where routed away), the routed mask, and the entropies (None when
+        ``routing`` is ``none``: nothing is encoded)."""
+        if self.routing == "none":
+            zeros = NeuronBatch.zeros(len(questions), self.hidden, self.has_bias, device=self.device)
+            return zeros, torch.zeros(len(questions), dtype=torch.bool), None
         embeddings = self.encoder.encode(list(questions)).to(self.device)
         routed, entropy = self.route(embeddings)
         batch = NeuronBatch.zeros(len(questions), self.hidden, self.has_bias, device=self.device)
@@ -161,7 +202,8 @@ class MegModel:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> MegModel:
-        """Load an artifact onto ``device`` (CPU or CUDA; the artifact itself is device-free)."""
+        """Load an artifact onto ``device`` (CPU or CUDA; the artifact itself is device-free); ``routing``
+        is ``auto`` (set others with :meth:`configure`)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -213,6 +255,13 @@ class MegModel:
         return model.to(device)
 
 
+def check_routing(routing: str) -> str:
+    """``routing`` if it is one of :data:`ROUTING_MODES`, else a :class:`HarnessError`."""
+    if routing not in ROUTING_MODES:
+        raise HarnessError(f"routing must be one of {ROUTING_MODES}, got {routing!r}", field="route")
+    return routing
+
+
 class MegEdited(Edited):
     """The base LM with MeG's dynamic neuron: each batch row gets the neuron generated for its question.
 
@@ -235,6 +284,14 @@ class MegEdited(Edited):
             )
         self._known: dict[str, tuple[torch.Tensor, bool]] = {}  # question -> (flat neuron vector, routed)
         self.stats = {"queries": 0, "routed": 0, "generate_s": 0.0}
+
+    def configure(self, *, routing: str | None = None, ddim_steps: int | None = None) -> MegEdited:
+        """Change the routing mode and/or DDIM steps (see :meth:`MegModel.configure`); forgets the neurons
+        generated so far and resets ``stats``."""
+        self.meg.configure(routing=routing, ddim_steps=ddim_steps)
+        self._known.clear()
+        self.stats = {"queries": 0, "routed": 0, "generate_s": 0.0}
+        return self
 
     def _prepare(self, questions: Sequence[str]) -> None:
         import time
@@ -260,6 +317,9 @@ class MegEdited(Edited):
 
     @contextlib.contextmanager
     def rows(self, questions: Sequence[str]) -> Iterator[None]:
+        if not any(self.routed(questions)):  # every row routed away: the base model, no hook at all
+            yield
+            return
         batch, active = self.batch_for(questions)
         with self.neuron.attach(batch, active):
             yield
