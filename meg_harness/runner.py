@@ -205,7 +205,10 @@ def _check_previous_run(out: Path, config: RunConfig) -> None:
         return
     old = json.loads(previous.read_text())
     new = config.to_dict()
-    ignore = {"methods", "seeds"}  # adding methods or seeds to a finished run is allowed
+    # adding methods (with their hparams) or seeds to a finished run is allowed; nothing else may change
+    new["hparams"] = {m: h for m, h in new.get("hparams", {}).items() if m in old.get("methods", [])}
+    old["hparams"] = {m: h for m, h in old.get("hparams", {}).items() if m in new.get("methods", [])}
+    ignore = {"methods", "seeds"}
     if content_hash({k: v for k, v in old.items() if k not in ignore}) != content_hash(
         {k: v for k, v in new.items() if k not in ignore}
     ):

@@ -111,6 +111,22 @@ def test_rerun_skips_finished_and_refuses_other_config(run_config, tmp_path, cap
     assert finished.stat().st_mtime_ns == stamp
 
 
+def test_adding_a_labelled_variant_reuses_finished_results(run_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(run_config(seeds=[0])), "--out", str(out)]) == 0
+    finished = out / "none" / "seed0" / "metrics.json"
+    stamp = finished.stat().st_mtime_ns
+    variant = run_config(seeds=[0], methods=["none", "none@b"], hparams={"none@b": {"note": "variant"}})
+    assert main(["run", str(variant), "--out", str(out)]) == 0
+    assert finished.stat().st_mtime_ns == stamp  # not recomputed
+    record = json.loads((out / "none@b" / "seed0" / "metrics.json").read_text())
+    assert record["method"] == "none@b" and record["hparams"] == {"note": "variant"}
+    changed = run_config(seeds=[0], methods=["none", "none@b"], hparams={"none@b": {"note": "other"}})
+    capsys.readouterr()
+    assert main(["run", str(changed), "--out", str(out)]) == 2  # a finished method's hparams changed
+    assert "changed: hparams" in capsys.readouterr().err
+
+
 def test_leaderboard_formats(run_config, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", str(run_config()), "--out", str(out)]) == 0
