@@ -23,6 +23,8 @@ import torch
 
 from meg_harness.cache import atomic_write_text, content_hash
 from meg_harness.config import RunConfig, load_hparams
+from meg_harness.lm_eval_plugin.export import ARTIFACT_FILE as CASES_FILE
+from meg_harness.lm_eval_plugin.export import write_cases_file
 from meg_harness.data import filter_unknown_facts, load_cases, select_cases
 from meg_harness.data.edit_case import EditCase
 from meg_harness.editing.base import Edited
@@ -138,6 +140,14 @@ def _run_one(
         staging.chmod(0o755)  # mkdtemp makes it private; results are meant to be shared
         try:
             editor.save(edited, staging / "artifact")
+            write_cases_file(  # what the knowledge-editing lm-eval tasks read from the artifact
+                staging / "artifact" / CASES_FILE,
+                record["config"]["dataset"],
+                cases,
+                template,
+                labels,
+                model_fingerprint=record["model_fingerprint"],
+            )
             with open(staging / "items.jsonl", "w", encoding="utf-8") as handle:
                 for item in items:
                     handle.write(json.dumps(item, ensure_ascii=False) + "\n")

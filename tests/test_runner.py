@@ -119,6 +119,7 @@ def test_adding_a_labelled_variant_reuses_finished_results(run_config, tmp_path,
     variant = run_config(seeds=[0], methods=["none", "none@b"], hparams={"none@b": {"note": "variant"}})
     assert main(["run", str(variant), "--out", str(out)]) == 0
     assert finished.stat().st_mtime_ns == stamp  # not recomputed
+    assert (out / "none@b" / "seed0" / "artifact" / "lm_eval_cases.json").is_file()  # for lm-eval tasks
     record = json.loads((out / "none@b" / "seed0" / "metrics.json").read_text())
     assert record["method"] == "none@b" and record["hparams"] == {"note": "variant"}
     changed = run_config(seeds=[0], methods=["none", "none@b"], hparams={"none@b": {"note": "other"}})
