@@ -23,8 +23,6 @@ import torch
 
 from meg_harness.cache import atomic_write_text, content_hash
 from meg_harness.config import RunConfig, load_hparams
-from meg_harness.lm_eval_plugin.export import ARTIFACT_FILE as CASES_FILE
-from meg_harness.lm_eval_plugin.export import write_cases_file
 from meg_harness.data import filter_unknown_facts, load_cases, select_cases
 from meg_harness.data.edit_case import EditCase
 from meg_harness.editing.base import Edited
@@ -34,6 +32,8 @@ from meg_harness.evaluate.evaluator import Evaluator, encode_query
 from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
 from meg_harness.evaluate.scoring import Probe, greedy_answers
 from meg_harness.evaluate.templates import get_template
+from meg_harness.lm_eval_plugin.export import ARTIFACT_FILE as CASES_FILE
+from meg_harness.lm_eval_plugin.export import write_cases_file
 from meg_harness.models import get_adapter, load_model, model_fingerprint
 from meg_harness.provenance import git_sha, peak_rss_mb, versions
 
