@@ -147,6 +147,43 @@ def test_no_familiarity_ablation_routes_everything(tiny_models, encoder_dir, cas
     assert edited.routed(["anything at all", cases[0].prompt]) == [True, True]
 
 
+def test_data_augmentation_trains_irrelevant_prompts_to_the_zero_neuron(
+    tiny_models, encoder_dir, cases, tmp_path
+):
+    source = tmp_path / "pseudo.json"
+    unrelated = [
+        {
+            "case_id": i,
+            "prompt": f"The {w} of the tiny test is",
+            "target_new": "x",
+            "subject": w,
+            "ground_truth": "y",
+            "rephrase_prompt": f"Tiny test {w}?",
+            "locality_prompt": "q",
+            "locality_ground_truth": "a",
+        }
+        for i, w in enumerate(["colour", "owner", "maker", "home"])
+    ]
+    source.write_text(json.dumps(unrelated))
+    model, tokenizer = tiny_models("llama")
+    hparams = tiny_hparams(encoder_dir, augment={"enabled": True, "n": 3, "source": str(source)})
+    editor = get_editor_class("meg")(hparams)
+    editor.cache_dir = tmp_path / "cache"
+    edited = editor.fit(model, tokenizer, cases[:3], TEMPLATE)
+    assert edited.info["augment_prompts"] == 3
+    meg = edited.meg
+    zero = meg.normalizer.normalize(torch.zeros(1, meg.generator_config.vector_dim))
+    assert edited.info["generator"]["evaluations"][-1]["l2_mean"] < 0.3 * float(
+        zero.norm()
+    )  # zeros learnt too
+    prompt = unrelated[0]["prompt"]
+    generated = meg.generate([prompt], meg.encoder.encode([prompt])).flatten()
+    collected_scale = float(
+        meg.generate([cases[0].prompt], meg.encoder.encode([cases[0].prompt])).flatten().norm()
+    )
+    assert float(generated.norm()) < 0.5 * collected_scale  # an irrelevant prompt gets a (near-)zero neuron
+
+
 def test_save_then_load_in_a_fresh_process_gives_identical_metrics(fitted, tiny_model_dir, cases, tmp_path):
     editor, edited = fitted
     artifact = tmp_path / "artifact"
