@@ -83,3 +83,13 @@ def tiny_models(tiny_model_dir):
         return loaded[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory) -> str:
+    """A saved tiny random BERT text encoder (MeG's stage 1) for tiny MeG configurations."""
+    from meg_harness.meg.encoder import make_tiny_text_encoder
+
+    folder = tmp_path_factory.mktemp("encoder")
+    make_tiny_text_encoder().save(folder)
+    return str(folder)

@@ -27,7 +27,6 @@ from meg_harness.editing.easyedit import (
 )
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.templates import get_template
-from meg_harness.meg.encoder import make_tiny_text_encoder
 from meg_harness.meg.hparams import MEGHyperParams
 from meg_harness.meg.model import MegEdited
 
@@ -56,13 +55,6 @@ def meg_hparams(encoder_dir: str, threshold: float = 0.1) -> dict:
             "success_l2": 0.0,
         },
     }
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("encoder")
-    make_tiny_text_encoder().save(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

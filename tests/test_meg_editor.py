@@ -16,7 +16,6 @@ from meg_harness.editing.registry import get_editor_class
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.evaluator import Evaluator
 from meg_harness.evaluate.templates import get_template
-from meg_harness.meg.encoder import make_tiny_text_encoder
 from meg_harness.meg.hparams import MEGHyperParams
 from meg_harness.meg.model import MegEdited
 from meg_harness.models.loading import model_fingerprint
@@ -29,7 +28,7 @@ def tiny_hparams(encoder_dir: str, **overrides) -> dict:
         "alg_name": "MEG",
         "layer": 1,
         "encoder": {"name": encoder_dir, "tuning": "frozen"},
-        "familiarity": {"hidden": 64, "n_blocks": 2, "max_epochs": 400, "threshold": 0.1, "lr": 0.01},
+        "familiarity": {"hidden": 64, "n_blocks": 2, "max_epochs": 400, "threshold": 0.5, "lr": 0.01},
         "collect": {"lr": 0.1, "max_steps": 100, "check_every": 4, "batch_size": 6, "shard_size": 6},
         "generator": {"kind": "dit", "hidden": 64, "depth": 2, "heads": 2, "patch_size": 16},
         "diffusion": {"ddim_steps": 10},
@@ -47,13 +46,6 @@ def tiny_hparams(encoder_dir: str, **overrides) -> dict:
     for key, value in overrides.items():
         hparams[key] = {**hparams.get(key, {}), **value} if isinstance(value, dict) else value
     return hparams
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("encoder")
-    make_tiny_text_encoder().save(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

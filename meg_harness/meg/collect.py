@@ -51,6 +51,7 @@ from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.meg.neuron import DynamicNeuron, NeuronBatch, NeuronEdited, NeuronTuple
 from meg_harness.models.adapters import ArchitectureAdapter, get_adapter
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.settings import require_non_negative, require_positive_ints, settings_from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -91,28 +92,17 @@ class CollectHParams:
             raise HarnessError(
                 f"unknown optimizer {self.optimizer!r}; use one of {OPTIMIZERS}", field="optimizer"
             )
-        for name in ("max_steps", "check_every", "batch_size", "shard_size", "max_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise HarnessError(f"must be a positive integer, got {value!r}", field=name)
-        for name in ("lr", "init_std", "value_lr_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise HarnessError(f"must be a non-negative number, got {value!r}", field=name)
+        require_positive_ints(
+            self, ("max_steps", "check_every", "batch_size", "shard_size", "max_new_tokens")
+        )
+        require_non_negative(self, ("lr", "init_std", "value_lr_scale"))
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | CollectHParams | None) -> CollectHParams:
         """From a dict (e.g. a YAML's contents); unknown keys are an error."""
         if isinstance(mapping, CollectHParams):
             return mapping
-        mapping = dict(mapping or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(mapping) - known)
-        if unknown:
-            raise HarnessError(
-                f"unknown collection hparam(s) {unknown}; known: {sorted(known)}", field=unknown[0]
-            )
-        return cls(**mapping)
+        return settings_from_mapping(cls, mapping, "collection")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> CollectHParams:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from meg_harness.errors import HarnessError
+from meg_harness.settings import settings_from_mapping
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
@@ -47,14 +48,7 @@ class DiffusionConfig:
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> DiffusionConfig:
-        values = dict(mapping or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise HarnessError(
-                f"unknown diffusion setting(s) {unknown}; known: {sorted(known)}", field=unknown[0]
-            )
-        return cls(**values)
+        return settings_from_mapping(cls, mapping, "diffusion", "diffusion.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from meg_harness.errors import HarnessError
+from meg_harness.settings import require_positive_ints, settings_from_mapping
 
 GENERATOR_KINDS = ("dit", "mlp")
 
@@ -54,10 +55,7 @@ class GeneratorConfig:
             raise HarnessError(
                 f"unknown generator kind {self.kind!r}; use one of {GENERATOR_KINDS}", field="kind"
             )
-        for name in ("vector_dim", "cond_dim", "patch_size", "hidden", "depth", "heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise HarnessError(f"must be a positive integer, got {value!r}", field=name)
+        require_positive_ints(self, ("vector_dim", "cond_dim", "patch_size", "hidden", "depth", "heads"))
         if self.kind == "dit" and self.hidden % self.heads:
             raise HarnessError(f"hidden {self.hidden} is not divisible by heads {self.heads}", field="heads")
 
@@ -76,13 +74,12 @@ class GeneratorConfig:
                     f"unknown generator preset {preset!r}; known: {sorted(PRESETS)}", field="preset"
                 )
             values = {**PRESETS[preset], **values}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
+        fixed = set(dims) & set(values)
+        if fixed:
             raise HarnessError(
-                f"unknown generator setting(s) {unknown}; known: {sorted(known)}", field=unknown[0]
+                f"{sorted(fixed)} come from the model and encoder, not hparams", field="generator"
             )
-        return cls(**{**values, **dims})
+        return settings_from_mapping(cls, {**values, **dims}, "generator", "generator.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

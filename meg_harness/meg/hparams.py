@@ -31,6 +31,7 @@ from meg_harness.errors import HarnessError
 from meg_harness.meg.collect import CollectHParams
 from meg_harness.meg.diffusion import DiffusionConfig
 from meg_harness.meg.train_generator import TrainConfig
+from meg_harness.settings import settings_from_mapping
 
 SECTIONS = ("encoder", "familiarity", "collect", "generator", "diffusion", "train", "augment")
 TOP_LEVEL = ("alg_name", "model_name", "layer", "seed", "base", *SECTIONS)
@@ -77,14 +78,7 @@ class AugmentSettings:
 
 
 def _section(cls, mapping: Mapping[str, Any] | None, name: str):
-    values = dict(mapping or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise HarnessError(
-            f"unknown {name} setting(s) {unknown}; known: {sorted(known)}", field=f"{name}.{unknown[0]}"
-        )
-    return cls(**values)
+    return settings_from_mapping(cls, mapping, name, f"{name}.")
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

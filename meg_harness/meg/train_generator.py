@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from meg_harness.errors import HarnessError
 from meg_harness.meg.diffusion import DiffusionConfig, WeightNormalizer, ddim_sample, v_prediction_loss
+from meg_harness.settings import require_positive_ints, settings_from_mapping
 
 CHECKPOINT = "checkpoint.pt"
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -56,10 +57,9 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_steps", "eval_every", "eval_ddim_steps", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise HarnessError(f"must be a positive integer, got {value!r}", field=name)
+        require_positive_ints(
+            self, ("batch_size", "max_steps", "eval_every", "eval_ddim_steps", "checkpoint_every")
+        )
         if self.mixed_precision not in MIXED_PRECISION:
             raise HarnessError(
                 f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}",
@@ -70,14 +70,7 @@ class TrainConfig:
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> TrainConfig:
-        values = dict(mapping or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise HarnessError(
-                f"unknown training setting(s) {unknown}; known: {sorted(known)}", field=unknown[0]
-            )
-        return cls(**values)
+        return settings_from_mapping(cls, mapping, "training", "train.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
