@@ -365,8 +365,10 @@ def test_resume_after_interruption_equals_uninterrupted_training(tmp_path, monke
 
 def test_time_budget_stops_training_and_the_next_call_resumes(tmp_path):
     model, tok = deep_model("gpt2")
-    first = _train(model, tok, tmp_path, max_minutes=0)
+    first = _train(model, tok, tmp_path, max_minutes=1e-9)  # spent after the first step
     assert first.state["step"] == 1 and not first.state["done"]
+    again = _train(model, tok, tmp_path, max_minutes=1e-9)  # the budget counts over calls: no more steps
+    assert again.state["step"] == 1
     rest = _train(model, tok, tmp_path)  # same cache entry: max_minutes is not part of its key
     assert rest.state["step"] == 8 and rest.state["done"]
     assert [h["step"] for h in rest.state["history"]] == list(range(1, 9))

@@ -76,7 +76,7 @@ class MalmenHParams:
     train_n_edits: int = 512  # training facts per meta-training step
     n_epochs: int = 1
     max_steps: int | None = None  # step budget (None: n_epochs over the training data)
-    max_minutes: float | None = None  # time budget of one call; training resumes on the next call
+    max_minutes: float | None = None  # total meta-training time, summed over resumed calls
     checkpoint_every: int = 20  # steps between checkpoints
     train_dataset: str = "zsre"
     train_path: str | None = None  # required: training facts disjoint from the evaluated edits
@@ -574,7 +574,7 @@ def meta_train(
     fingerprint: str | None = None,
 ) -> TrainResult:
     """Load the hypernetwork cached for this (model, hparams, training data), training or resuming it
-    first when its steps are not all done (within ``max_minutes`` for this call)."""
+    first when its steps are not all done and its time (``max_minutes``, summed over calls) is not spent."""
     key = training_key(model, modules, template, hp, train_cases, fingerprint)
     folder = Path(cache_root) / "malmen" / key[:24]
     device = model_device(model)
@@ -594,6 +594,15 @@ def meta_train(
     if state["step"] >= total:
         state["done"] = True
         return TrainResult(net, state, folder)
+    budget_s = None if hp.max_minutes is None else 60 * hp.max_minutes
+    if budget_s is not None and state.get("elapsed_s", 0.0) >= budget_s:
+        log.warning(
+            "MALMEN meta-training budget of %s min is spent (step %d of %d)",
+            hp.max_minutes,
+            state["step"],
+            total,
+        )
+        return TrainResult(net, state, folder)
     started = time.monotonic()
     last_saved = state["step"]
     bar = tqdm(total=total, initial=state["step"], desc="MALMEN meta-training", disable=not progress)
@@ -607,7 +616,8 @@ def meta_train(
                 state["history"].append({"step": step + 1, **{k: round(v, 6) for k, v in stats.items()}})
                 bar.update(1)
                 bar.set_postfix(gen=f"{stats['gen_loss']:.3f}", loc=f"{stats['loc_loss']:.3f}")
-                over_time = hp.max_minutes is not None and time.monotonic() - started > 60 * hp.max_minutes
+                spent = state.get("elapsed_s", 0.0) + time.monotonic() - started
+                over_time = budget_s is not None and spent > budget_s
                 if state["step"] - last_saved >= hp.checkpoint_every or state["step"] == total or over_time:
                     state["done"] = state["step"] >= total
                     state["elapsed_s"] = state.get("elapsed_s", 0.0) + time.monotonic() - started
