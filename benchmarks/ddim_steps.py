@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from meg_harness.data import load_cases, select_cases
 from meg_harness.editing.base import Edited
 from meg_harness.editing.registry import get_editor_class
 from meg_harness.evaluate.evaluator import Evaluator, encode_query
+from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
 from meg_harness.evaluate.scoring import Probe, greedy_answers
 from meg_harness.models import load_model
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.runner import run_cases
 
 
 def main() -> None:
@@ -40,13 +41,7 @@ def main() -> None:
     artifact = args.run_dir / "meg" / f"seed{args.seed}" / "artifact"
     model, tokenizer = load_model(config["model"], dtype=config["dtype"], device=config["device"])
     edited = get_editor_class("meg").load(artifact, model, tokenizer)
-    cases = select_cases(
-        load_cases(config["dataset"], config["data_path"], zsre_target=config["zsre_target"]),
-        config["n_edits"],
-        args.seed,
-        tuple(config["range"]) if config["range"] else None,
-        config["one_per_subject"],
-    )[: args.n]
+    cases = run_cases(args.run_dir, args.seed)[: args.n]
     evaluator = Evaluator(tokenizer, edited.template, batch_size=config["batch_size"])
     labels = evaluator.locality_labels(Edited(model, tokenizer), cases, model_fingerprint(model))
     questions = [c.prompt for c in cases]
@@ -69,15 +64,7 @@ def main() -> None:
         variant = type(edited)(model, tokenizer, meg, edited.template)
         metrics, _ = evaluator.evaluate(variant, cases, labels)
         share = per_neuron / (per_neuron + llm_s)
-        keys = (
-            "reliability_ag",
-            "reliability_tf",
-            "generality_ag",
-            "generality_tf",
-            "locality_ag",
-            "locality_tf",
-        )
-        cells = " | ".join(f"{metrics[k]:.2f}" for k in (*keys, "score"))
+        cells = " | ".join(f"{metrics[k]:.2f}" for k in ALL_METRIC_KEYS)
         print(f"| {steps} | {cells} | {per_neuron:.4f} | {100 * share:.2f}% |", flush=True)
 
 

@@ -11,12 +11,10 @@ threshold, with A.5's grid-search choice.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from meg_harness.data import load_cases, select_cases
 from meg_harness.meg.calibration import (
     PAPER_THRESHOLDS,
     best_threshold,
@@ -26,6 +24,7 @@ from meg_harness.meg.calibration import (
 )
 from meg_harness.meg.encoder import load_text_encoder, retrieval_accuracy
 from meg_harness.meg.model import MegModel
+from meg_harness.runner import run_cases
 
 
 def main() -> None:
@@ -38,15 +37,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = json.loads((args.run_dir / "run_config.json").read_text())
     meg = MegModel.from_pretrained(args.run_dir / args.method / f"seed{args.seed}" / "artifact")
-    cases = select_cases(
-        load_cases(config["dataset"], config["data_path"], zsre_target=config["zsre_target"]),
-        config["n_edits"],
-        args.seed,
-        tuple(config["range"]) if config["range"] else None,
-        config["one_per_subject"],
-    )
+    cases = run_cases(args.run_dir, args.seed)
     pairs = [(c.prompt, c.rephrases[0]) for c in cases if c.rephrases]
     originals, paraphrases = [p[0] for p in pairs], [p[1] for p in pairs]
     base_name = (

@@ -125,6 +125,18 @@ def run_experiment(
     return summary
 
 
+def run_cases(run_dir: Path, seed: int) -> list[EditCase]:
+    """The cases a finished run evaluated for ``seed``, selected again from its ``run_config.json`` (for
+    benchmarks that re-score a run's artifact). Runs with ``filter_known`` need the model: not supported."""
+    config = RunConfig(**json.loads((Path(run_dir) / "run_config.json").read_text(encoding="utf-8")))
+    if config.filter_known:
+        raise HarnessError("runs with filter_known: re-select their cases with the model", file=run_dir)
+    cases = load_cases(
+        config.dataset, config.data_path, zsre_target=config.zsre_target, cache_dir=config.cache_dir
+    )
+    return select_cases(cases, config.n_edits, seed, config.range, config.one_per_subject)
+
+
 def _run_one(
     editor, model, tokenizer, cases, template, evaluator, labels, target: Path, *, record, seed
 ) -> None:
