@@ -85,7 +85,6 @@ class LocateThenEdit(Editor):
     def __init__(self, hparams: dict[str, Any] | None = None) -> None:
         super().__init__(hparams)
         self.hp = from_mapping(self.hparams_class, self.hparams, self.name)
-        self.cache_dir: Path | None = None
         self._prefixes: dict[str, list[str]] = {}
         self._fingerprint: str | None = None
 

@@ -58,7 +58,6 @@ class MALMEN(Editor):
     def __init__(self, hparams: dict[str, Any] | None = None) -> None:
         super().__init__(hparams)
         self.hp = from_mapping(MalmenHParams, self.hparams, self.name)
-        self.cache_dir: Path | None = None  # None: meg-harness's cache ($MEG_HARNESS_CACHE)
         self.train_cases: Sequence[EditCase] | None = None  # overrides train_dataset / train_path
         self.trained: TrainResult | None = None
         self._fingerprint: str | None = None
