@@ -16,6 +16,7 @@ from meg_harness.editing.registry import get_editor_class
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.evaluator import Evaluator
 from meg_harness.evaluate.templates import get_template
+from meg_harness.meg.encoder import make_tiny_text_encoder
 from meg_harness.meg.hparams import MEGHyperParams
 from meg_harness.meg.model import MegEdited
 from meg_harness.models.loading import model_fingerprint
@@ -139,9 +140,7 @@ def test_no_familiarity_ablation_routes_everything(tiny_models, encoder_dir, cas
     assert edited.routed(["anything at all", cases[0].prompt]) == [True, True]
 
 
-def test_data_augmentation_trains_irrelevant_prompts_to_the_zero_neuron(
-    tiny_models, encoder_dir, cases, tmp_path
-):
+def test_data_augmentation_trains_irrelevant_prompts_to_the_zero_neuron(tiny_models, cases, tmp_path):
     source = tmp_path / "pseudo.json"
     unrelated = [
         {
@@ -157,8 +156,14 @@ def test_data_augmentation_trains_irrelevant_prompts_to_the_zero_neuron(
         for i, w in enumerate(["colour", "owner", "maker", "home"])
     ]
     source.write_text(json.dumps(unrelated))
+    # An encoder whose [CLS] embeddings tell these prompts apart (cosine <= 0.9; the shared fixture's are
+    # ~0.99 alike, which leaves the outcome to floating-point luck on other CPUs).
+    distinct_encoder = tmp_path / "encoder"
+    make_tiny_text_encoder(init_range=0.3).save(distinct_encoder)
     model, tokenizer = tiny_models("llama")
-    hparams = tiny_hparams(encoder_dir, augment={"enabled": True, "n": 3, "source": str(source)})
+    hparams = tiny_hparams(
+        str(distinct_encoder), augment={"enabled": True, "n": 3, "source": str(source)}
+    )
     editor = get_editor_class("meg")(hparams)
     editor.cache_dir = tmp_path / "cache"
     edited = editor.fit(model, tokenizer, cases[:3], TEMPLATE)
