@@ -20,6 +20,7 @@ from meg_harness.baselines.pmet import PMETHParams
 from meg_harness.data.edit_case import EditCase
 from meg_harness.editing.registry import get_editor_class, list_methods
 from meg_harness.errors import HarnessError
+from meg_harness.models.adapters import get_adapter
 
 METHODS = ("ft", "memit", "pmet", "alphaedit")
 HPARAMS_DIR = Path(__file__).resolve().parents[1] / "hparams"
@@ -263,15 +264,15 @@ def test_logits_at_selected_positions_match_the_full_forward(arch):
 
 
 def test_value_targets_are_cached_across_update_settings(monkeypatch):
-    import meg_harness.baselines.locate as locate
+    import meg_harness.baselines.values as values
 
     model, tok = deep_model("llama")
     before = snapshot(model)
     first = editor("memit").fit(model, tok, CASES[:2], TEMPLATE)
     first.restore()
     calls = []
-    original = locate.optimise_values
-    monkeypatch.setattr(locate, "optimise_values", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = values._optimise_chunk
+    monkeypatch.setattr(values, "_optimise_chunk", lambda *a, **k: calls.append(1) or original(*a, **k))
     second = editor("memit", mom2_update_weight=100, layers=[0, 2]).fit(model, tok, CASES[:2], TEMPLATE)
     assert not calls  # same last layer and z settings: targets reused from the cache
     assert second.info["z_nll"] == first.info["z_nll"]
@@ -279,3 +280,72 @@ def test_value_targets_are_cached_across_update_settings(monkeypatch):
     editor("memit", v_lr=0.2).fit(model, tok, CASES[:2], TEMPLATE).restore()
     assert calls == [1]
     assert identical(model, before)
+
+
+def _targets(model, tok, z_batch_size: int, cache=None, method: str = "pmet"):
+    from meg_harness.baselines.values import optimise_values
+
+    ed = editor(method, z_batch_size=z_batch_size)
+    plans = build_plans(tok, CASES[:3], TEMPLATE, [], ed.hp.kl_prompt)
+    sites = ed.value_sites(get_adapter(model), 2)
+    opts = ed.value_options()
+    return optimise_values(model, tok, plans, sites, ed.hp, layer=2, cache=cache, progress=False, **opts)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_value_optimisation_batched_and_layer_cached_equals_one_edit_at_a_time_on_full_forwards(
+    arch, monkeypatch
+):
+    from meg_harness.models.layer_cache import LayerCachedLM
+
+    model, tok = deep_model(arch)
+    batched = _targets(model, tok, z_batch_size=3)
+    monkeypatch.setattr(LayerCachedLM, "agrees_with_full_forward", lambda *a, **k: False)
+    alone = _targets(model, tok, z_batch_size=1)
+    assert batched.steps == alone.steps and len(batched.steps) == 3
+    for site, target in alone.targets.items():
+        moved = (target - alone.init[site]).norm(dim=1)
+        assert bool((moved > 0).all())  # the deltas are not trivially zero
+        torch.testing.assert_close(batched.targets[site], target, rtol=1e-4, atol=1e-4)
+
+
+def test_value_optimisation_resumes_from_finished_chunks(tmp_path, monkeypatch):
+    import meg_harness.baselines.values as values
+
+    model, tok = deep_model("llama")
+
+    def cache(chunk):
+        return tmp_path / f"{chunk[0].case_id}.safetensors"
+
+    full = _targets(model, tok, z_batch_size=2, cache=cache, method="memit")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.safetensors", "2.safetensors"]
+    (tmp_path / "2.safetensors").unlink()  # as if killed during the second chunk
+    calls = []
+    original = values._optimise_chunk
+    monkeypatch.setattr(values, "_optimise_chunk", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    resumed = _targets(model, tok, z_batch_size=2, cache=cache, method="memit")
+    assert calls == [1]  # only the one edit of the unfinished chunk is optimised again
+    for site, target in full.targets.items():
+        torch.testing.assert_close(resumed.targets[site], target, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama", "phi"])
+def test_ft_layer_cached_nll_and_gradients_equal_the_full_forwards(arch):
+    from meg_harness.baselines.ft import _examples, cached_target_nll, target_nll
+    from meg_harness.models.layer_cache import LayerCachedLM
+
+    model, tok = deep_model(arch)
+    examples = _examples(tok, CASES, TEMPLATE)
+    lm = LayerCachedLM(model, 2)
+    states = lm.layer_inputs_per_row([seq for seq, _ in examples], tok.pad_token_id, batch_size=3)
+    weight = next(get_adapter(model).layers(model)[2].mlp.parameters())
+    results = []
+    for cached in (False, True):
+        weight.grad = None
+        loss = cached_target_nll(lm, states, examples) if cached else target_nll(model, tok, examples)
+        loss.mean().backward()
+        results.append((loss.detach(), weight.grad.clone()))
+    (full_loss, full_grad), (cached_loss, cached_grad) = results
+    torch.testing.assert_close(cached_loss, full_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached_grad, full_grad, rtol=1e-4, atol=1e-6)
+    assert float(full_grad.norm()) > 0

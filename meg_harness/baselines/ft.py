@@ -2,13 +2,15 @@
 
 Each edit is one example: the templated prompt followed by ``" " + target_new``; the loss is the mean NLL of
 the target tokens (per example, averaged over the batch). Examples are shuffled each epoch with a seeded
-generator. ``norm_constraint`` (optional, ROME's FT-L) clamps every weight to within that distance of its
-original value after each step.
+generator. The frozen layers below the lowest trained layer run once per example (their output is
+cached); every step runs the model from that layer upward. ``norm_constraint`` (optional, ROME's FT-L)
+clamps every weight to within that distance of its original value after each step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from meg_harness.errors import HarnessError
 from meg_harness.evaluate.evaluator import encode_query, encode_target
 from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.models.adapters import get_adapter
+from meg_harness.models.layer_cache import LayerCachedLM, right_pad
 from meg_harness.models.loading import model_fingerprint
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -83,6 +86,36 @@ def target_nll(model: nn.Module, tokenizer, examples: Sequence[tuple[tuple, int]
     return torch.stack(losses)
 
 
+def _target_index(examples: Sequence[tuple[tuple, int]], device) -> tuple[torch.Tensor, ...]:
+    """(row, position, token id) of every target token of the examples (the row is the example)."""
+    rows, positions, targets = [], [], []
+    for row, (seq, q) in enumerate(examples):
+        for position in range(q - 1, len(seq) - 1):
+            rows.append(row), positions.append(position), targets.append(seq[position + 1])
+    index = functools.partial(torch.tensor, device=device)
+    return index(rows), index(positions), index(targets)
+
+
+def _layer_cache_agrees(lm: LayerCachedLM, tokenizer, examples: Sequence[tuple[tuple, int]]) -> bool:
+    ids, mask = pad_rows([seq for seq, _ in examples], pad_id(tokenizer), model_device(lm.model))
+    rows, positions, _ = _target_index(examples, ids.device)
+    return lm.agrees_with_full_forward(ids, mask, rows, positions)
+
+
+def cached_target_nll(
+    lm: LayerCachedLM, states: Sequence[torch.Tensor], examples: Sequence[tuple[tuple, int]]
+) -> torch.Tensor:
+    """:func:`target_nll` from the cached states entering the lowest trained layer (the layers below are
+    frozen and their output never changes); the LM head is applied at the target positions only."""
+    hidden, mask = right_pad(list(states))
+    rows, positions, targets = _target_index(examples, hidden.device)
+    logp = torch.log_softmax(lm.logits(hidden, mask, rows, positions).float(), -1)
+    token_nll = -logp.gather(1, targets[:, None]).squeeze(1)
+    total = torch.zeros(len(examples), device=hidden.device).index_add(0, rows, token_nll)
+    count = torch.zeros(len(examples), device=hidden.device).index_add(0, rows, torch.ones_like(token_nll))
+    return total / count
+
+
 @register_method
 class FT(Editor):
     name = "ft"
@@ -114,6 +147,12 @@ class FT(Editor):
         originals = {k: p.detach().clone() for k, p in params.items()}
         generator = torch.Generator().manual_seed(self.hp.seed)
         losses = []
+        lm = LayerCachedLM(model, min(resolve_layers(get_adapter(model), model, self.hp.layers)))
+        states = (
+            lm.layer_inputs_per_row([seq for seq, _ in examples], pad_id(tokenizer), self.hp.batch_size)
+            if _layer_cache_agrees(lm, tokenizer, examples[: self.hp.batch_size])
+            else None
+        )
         with frozen(model):
             for p in params.values():
                 p.requires_grad_(True)
@@ -127,9 +166,13 @@ class FT(Editor):
                     order = torch.randperm(len(examples), generator=generator).tolist()
                     total = 0.0
                     for start in range(0, len(order), self.hp.batch_size):
-                        batch = [examples[i] for i in order[start : start + self.hp.batch_size]]
+                        batch = order[start : start + self.hp.batch_size]
                         opt.zero_grad()
-                        loss = target_nll(model, tokenizer, batch).mean()
+                        chosen = [examples[i] for i in batch]
+                        if states is None:
+                            loss = target_nll(model, tokenizer, chosen).mean()
+                        else:
+                            loss = cached_target_nll(lm, [states[i] for i in batch], chosen).mean()
                         loss.backward()
                         opt.step()
                         total += float(loss.detach()) * len(batch)

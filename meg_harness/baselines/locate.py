@@ -138,25 +138,40 @@ class LocateThenEdit(Editor):
             progress=self.progress,
         )
 
-    def values(self, model: nn.Module, tokenizer, plans: list[EditPlan], sites: list[str]) -> ValueResult:
-        """Value targets, cached on disk by content (model, edit tokens, sites, z hyper-parameters), so
-        that a second fit with other update settings (lambda, layers below the last) reuses them."""
+    def values(
+        self, model: nn.Module, tokenizer, plans: list[EditPlan], sites: list[str], z_layer: int
+    ) -> ValueResult:
+        """Value targets, cached on disk per chunk of ``z_batch_size`` edits, by content (model, the chunk's
+        edit tokens, sites, z hyper-parameters): a second fit with other update settings (lambda, layers
+        below the last), or another method with the same z settings, reuses them, and an interrupted
+        optimisation resumes from its finished chunks."""
         options = self.value_options()
         z_fields = [k for k in Z_FIELDS if hasattr(self.hp, k)]
-        key = content_hash(
-            "baseline-z/v1",
-            self.fingerprint(model),
-            [dataclasses.asdict(p) for p in plans],
+        folder = Path(self.cache_dir or default_cache_dir()) / "baseline_z"
+        fingerprint = self.fingerprint(model)
+
+        def cache(chunk: Sequence[EditPlan]) -> Path:
+            key = content_hash(
+                "baseline-z/v2",
+                fingerprint,
+                [dataclasses.asdict(p) for p in chunk],
+                sites,
+                {k: getattr(self.hp, k) for k in z_fields},
+                options,
+            )
+            return folder / f"{key[:32]}.safetensors"
+
+        return optimise_values(
+            model,
+            tokenizer,
+            plans,
             sites,
-            {k: getattr(self.hp, k) for k in z_fields},
-            options,
+            self.hp,
+            layer=z_layer,
+            cache=cache,
+            progress=self.progress,
+            **options,
         )
-        path = Path(self.cache_dir or default_cache_dir()) / "baseline_z" / f"{key[:32]}.safetensors"
-        if path.is_file():
-            return ValueResult.load(path)
-        values = optimise_values(model, tokenizer, plans, sites, self.hp, progress=self.progress, **options)
-        values.save(path)
-        return values
 
     def fit(
         self, model: nn.Module, tokenizer, cases: Sequence[EditCase], template: QueryTemplate
@@ -171,7 +186,7 @@ class LocateThenEdit(Editor):
                 tokenizer, cases, template, self.context_prefixes(model, tokenizer), self.hp.kl_prompt
             )
             z_layer = layers[-1]
-            values = self.values(model, tokenizer, plans, self.value_sites(adapter, z_layer))
+            values = self.values(model, tokenizer, plans, self.value_sites(adapter, z_layer), z_layer)
             delta = WeightDelta()
             try:
                 norms = self._update_layers(model, tokenizer, adapter, plans, values, layers, stats, delta)

@@ -5,6 +5,10 @@ Loss per edit = ``nll_factor * NLL(target | prompt rows) + kl_factor * KL(p || p
 + v_weight_decay * sum_site ||delta|| / ||init||^2``; Adam with ``v_lr``; after each step a delta is
 clamped to ``clamp_norm_factor * ||init||``; an edit stops once its loss is below ``v_loss_stop``.
 
+The layers below the last edited layer are frozen and come before every delta: their output is computed
+once per chunk and each step runs the model from that layer upward (checked against a full forward on the
+first step; a family where they differ uses full forwards).
+
 Batched over edits: each row of a batch belongs to one edit and receives only that edit's delta, and the
 loss is a sum of per-edit losses, so an edit's gradient (and Adam, which is element-wise) is the same as
 when optimised alone. Finished edits leave the batch and keep their delta.
@@ -15,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from tqdm.auto import tqdm
 from meg_harness.baselines.nethook import Trace, model_device
 from meg_harness.baselines.params import LocateHParams
 from meg_harness.baselines.plan import EditPlan, pad_id, pad_rows
+from meg_harness.models.layer_cache import LayerCachedLM
 
 
 @dataclass
@@ -53,6 +58,17 @@ class ValueResult:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    @classmethod
+    def concat(cls, parts: Sequence[ValueResult]) -> ValueResult:
+        """The results of consecutive chunks of edits as one."""
+        sites = parts[0].init
+        return cls(
+            {s: torch.cat([p.init[s] for p in parts]) for s in sites},
+            {s: torch.cat([p.targets[s] for p in parts]) for s in sites},
+            [x for p in parts for x in p.nll],
+            [x for p in parts for x in p.steps],
+        )
 
     @classmethod
     def load(cls, path: Path) -> ValueResult:
@@ -119,7 +135,12 @@ def logits_at(
     """float32 next-token logits ``[len(rows), vocab]`` at ``(rows[i], positions[i])`` only: the LM head is
     applied to the selected final hidden states, not to every position (memory and time)."""
     hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[rows, positions]).float()
+    return _softcapped(model, model.get_output_embeddings()(hidden[rows, positions]))
+
+
+def _softcapped(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """float32 logits, with the model's final soft-capping (Gemma-2) where it has one."""
+    logits = logits.float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -131,40 +152,39 @@ def optimise_values(
     sites: Sequence[str],
     hp: LocateHParams,
     *,
+    layer: int,
     nll_factor: float = 1.0,
     relax_on_argmax: bool = False,
+    cache: Callable[[Sequence[EditPlan]], Path] | None = None,
     progress: bool = True,
 ) -> ValueResult:
-    """Optimise one delta per edit and site (module outputs at the last edited layer), jointly.
+    """Optimise one delta per edit and site (module outputs at layer ``layer``, the last edited one), in
+    chunks of ``hp.z_batch_size`` edits optimised jointly.
 
     ``relax_on_argmax`` (PMET): once every target token is the argmax, the NLL weight drops to a tenth,
-    and the edit stops when its KL term is at most 0.01.
+    and the edit stops when its KL term is at most 0.01. ``cache(chunk)`` names the file a chunk's result
+    is kept in: a finished chunk is loaded, not recomputed (an interrupted run resumes).
     """
     device = model_device(model)
-    result = ValueResult({s: [] for s in sites}, {s: [] for s in sites})
+    lm = LayerCachedLM(model, layer)
+    parts = []
     chunks = range(0, len(plans), hp.z_batch_size)
     for start in tqdm(chunks, desc="z optimisation", disable=not progress, leave=False):
         chunk = plans[start : start + hp.z_batch_size]
+        path = cache(chunk) if cache else None
+        if path is not None and path.is_file():
+            parts.append(ValueResult.load(path))
+            continue
         init, target, nll, steps = _optimise_chunk(
-            model,
-            _batch(chunk, pad_id(tokenizer), device),
-            len(chunk),
-            sites,
-            hp,
-            nll_factor,
-            relax_on_argmax,
+            lm, _batch(chunk, pad_id(tokenizer), device), len(chunk), sites, hp, nll_factor, relax_on_argmax
         )
-        for s in sites:
-            result.init[s].append(init[s])
-            result.targets[s].append(target[s])
-        result.nll += nll
-        result.steps += steps
-    result.init = {s: torch.cat(v) for s, v in result.init.items()}
-    result.targets = {s: torch.cat(v) for s, v in result.targets.items()}
-    return result
+        parts.append(ValueResult(init, target, nll, steps))
+        if path is not None:
+            parts[-1].save(path)
+    return ValueResult.concat(parts)
 
 
-def _optimise_chunk(model, b: _Batch, n: int, sites, hp: LocateHParams, nll_factor, relax):
+def _optimise_chunk(lm: LayerCachedLM, b: _Batch, n: int, sites, hp: LocateHParams, nll_factor, relax):
     deltas: dict[str, torch.Tensor] = {}
     init: dict[str, torch.Tensor] = {}
     final: dict[str, torch.Tensor] = {}
@@ -175,6 +195,9 @@ def _optimise_chunk(model, b: _Batch, n: int, sites, hp: LocateHParams, nll_fact
     steps = [0] * n
     first_row = torch.arange(n, device=b.ids.device) * (b.n_rows_per_edit + 1)  # bare-prompt row of edit e
     opt = None
+    model = lm.model
+    states = lm.layer_inputs(b.ids, b.mask)  # the layers below are frozen and come before every delta
+    layer_cached = None
     for it in range(hp.v_num_grad_steps):
         rows = active[b.edit].nonzero().squeeze(1)
         width = int(b.lengths[rows].max())
@@ -196,14 +219,16 @@ def _optimise_chunk(model, b: _Batch, n: int, sites, hp: LocateHParams, nll_fact
         keep = local[b.label_row] >= 0
         lr_, lp_, li_ = local[b.label_row[keep]], b.label_pos[keep], b.label_id[keep]
         kl_rows = rows[b.is_kl[rows]]
+        ids, mask = b.ids[rows, :width], b.mask[rows, :width]
+        at_rows, at_positions = torch.cat([lr_, local[kl_rows]]), torch.cat([lp_, b.look[kl_rows]])
+        if layer_cached is None:
+            with Trace(model, sites, edit_output=edit_output):  # checked with zero deltas
+                layer_cached = lm.agrees_with_full_forward(ids, mask, at_rows, at_positions)
         with torch.enable_grad(), Trace(model, sites, edit_output=edit_output):
-            logits = logits_at(
-                model,
-                b.ids[rows, :width],
-                b.mask[rows, :width],
-                torch.cat([lr_, local[kl_rows]]),
-                torch.cat([lp_, b.look[kl_rows]]),
-            )
+            if layer_cached:
+                logits = _softcapped(model, lm.logits(states[rows, :width], mask, at_rows, at_positions))
+            else:
+                logits = logits_at(model, ids, mask, at_rows, at_positions)
             if opt is None:
                 opt = torch.optim.Adam([deltas[s] for s in sites], lr=hp.v_lr)
             logp = torch.log_softmax(logits[: len(lr_)], -1)

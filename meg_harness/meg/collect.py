@@ -50,6 +50,7 @@ from meg_harness.evaluate.scoring import Probe, greedy_answers
 from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.meg.neuron import DynamicNeuron, NeuronBatch, NeuronEdited, NeuronTuple
 from meg_harness.models.adapters import ArchitectureAdapter, get_adapter
+from meg_harness.models.layer_cache import LayerCachedLM
 from meg_harness.models.loading import model_fingerprint
 from meg_harness.settings import require_non_negative, require_positive_ints, settings_from_mapping
 
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = "meg-neurons/v1"
 OPTIMIZERS = ("adam", "sgd")
 METADATA_KEYS = ("alg_name", "model_name")
-VERIFY_ATOL = 1e-4  # layer-cached vs full logits on the first batch (float32 runs agree to ~1e-6)
 
 
 @dataclass(frozen=True)
@@ -203,10 +203,6 @@ def init_neuron(
 # -- forwards ---------------------------------------------------------------------------------------
 
 
-class _Captured(Exception):
-    """Raised by the capture hook to stop a forward once the input of layer L is known."""
-
-
 def _pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``attention_mask``."""
     width = max(len(r) for r in rows)
@@ -216,91 +212,6 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tens
         ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[b, : len(r)] = 1
     return ids.to(device), mask.to(device)
-
-
-class LayerCachedLM:
-    """The frozen LM run from layer ``layer`` upward, on the hidden states that enter that layer.
-
-    :meth:`layer_inputs` computes those states once (a forward stopped at layer L); :meth:`logits` runs the
-    decoder with its layer list temporarily truncated to ``layers[L:]`` and ``inputs_embeds`` = the states
-    (absolute position embeddings, e.g. GPT-2's ``wpe``, return zeros meanwhile), then the LM head.
-    """
-
-    def __init__(self, model: nn.Module, layer: int, adapter: ArchitectureAdapter | None = None) -> None:
-        self.model = model
-        self.adapter = adapter or get_adapter(model)
-        layers = self.adapter.layers(model)
-        self.layer = self.adapter._layer_index(model, layer)
-        self.layer_module = layers[self.layer]
-        parent, _, self.layers_attr = self.adapter.layers_module.rpartition(".")
-        self.decoder = model.get_submodule(parent)
-        self.head = model.get_output_embeddings()
-
-    @torch.no_grad()
-    def layer_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The hidden states entering layer L, ``[B, T, H]``."""
-        captured: list[torch.Tensor] = []
-
-        def grab(_module, args, kwargs):
-            captured.append(args[0] if args else kwargs["hidden_states"])
-            raise _Captured
-
-        handle = self.layer_module.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        return captured[0].detach()
-
-    @contextlib.contextmanager
-    def truncated(self) -> Iterator[nn.Module]:
-        """The decoder with only ``layers[L:]`` (and per-layer config lists cut to match); restored after."""
-        layers = getattr(self.decoder, self.layers_attr)
-        config = self.adapter.text_config(self.model)
-        layer_types = getattr(config, "layer_types", None)
-        handles = []
-        if self.adapter.position_embedding_module:
-            module = self.model.get_submodule(self.adapter.position_embedding_module)
-            handles.append(module.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out)))
-        setattr(self.decoder, self.layers_attr, nn.ModuleList(list(layers)[self.layer :]))
-        if isinstance(layer_types, list):
-            config.layer_types = layer_types[self.layer :]
-        try:
-            yield self.decoder
-        finally:
-            setattr(self.decoder, self.layers_attr, layers)
-            if isinstance(layer_types, list):
-                config.layer_types = layer_types
-            for handle in handles:
-                handle.remove()
-
-    def logits(
-        self,
-        layer_inputs: torch.Tensor,
-        attention_mask: torch.Tensor,
-        rows: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """LM logits from layer L upward: ``[B, T, V]``, or ``[N, V]`` at ``(rows, positions)`` only."""
-        with self.truncated() as decoder:
-            out = decoder(inputs_embeds=layer_inputs, attention_mask=attention_mask, use_cache=False)
-        hidden = out[0]
-        if rows is not None:
-            hidden = hidden[rows, positions]
-        return self.head(hidden)
-
-    def full_logits(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        rows: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The whole model's logits (the reference the layer-cached run must match)."""
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return logits if rows is None else logits[rows, positions]
 
 
 # -- optimisation -----------------------------------------------------------------------------------
@@ -393,19 +304,9 @@ class _Collector:
     def _verify(self, rows: Sequence[_Row], b_idx: torch.Tensor, p_idx: torch.Tensor) -> None:
         """Once per run: the layer-cached logits must match a full forward, else use full forwards."""
         self.verified = True
-        with torch.no_grad(), self.neuron.attach(NeuronBatch.stack([r.neuron() for r in rows])):
-            cached = self._logits(rows, b_idx, p_idx, True)
-            full = self._logits(rows, b_idx, p_idx, False)
-        diff = (cached - full).abs().max().item()
-        if not diff <= VERIFY_ATOL * max(1.0, full.abs().max().item()):
-            self.layer_cached = False
-            log.warning(
-                "layer-cached forward of the %s model differs from the full forward by %.3g at layer %d; "
-                "collecting with full forwards instead",
-                self.adapter.family,
-                diff,
-                self.hp.layer,
-            )
+        ids, mask = _pad([r.edit.input_ids for r in rows], self.pad_id, self.device)
+        with self.neuron.attach(NeuronBatch.stack([r.neuron() for r in rows])):
+            self.layer_cached = self.lm.agrees_with_full_forward(ids, mask, b_idx, p_idx)
 
     def step(self, rows: Sequence[_Row]) -> None:
         b_idx, p_idx, targets, weights = self._answer_index(rows)

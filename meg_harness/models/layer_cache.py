@@ -1,0 +1,163 @@
+"""The frozen LM run from one layer upward on cached hidden states: the layers below an edited layer are
+frozen and their input never changes, so an optimisation loop computes their output once and runs only the
+rest of the model each step (MeG's knowledge-weight collection, FT)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from meg_harness.models.adapters import ArchitectureAdapter, get_adapter
+
+log = logging.getLogger(__name__)
+
+VERIFY_RTOL = 1e-4  # layer-cached vs full logits, relative to the largest logit
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop a forward once the input of layer L is known."""
+
+
+class LayerCachedLM:
+    """The frozen LM run from layer ``layer`` upward, on the hidden states that enter that layer.
+
+    :meth:`layer_inputs` computes those states once (a forward stopped at layer L); :meth:`logits` runs the
+    decoder with its layer list temporarily truncated to ``layers[L:]`` and ``inputs_embeds`` = the states
+    (absolute position embeddings, e.g. GPT-2's ``wpe``, return zeros meanwhile), then the LM head.
+    """
+
+    def __init__(self, model: nn.Module, layer: int, adapter: ArchitectureAdapter | None = None) -> None:
+        self.model = model
+        self.adapter = adapter or get_adapter(model)
+        layers = self.adapter.layers(model)
+        self.layer = self.adapter._layer_index(model, layer)
+        self.layer_module = layers[self.layer]
+        parent, _, self.layers_attr = self.adapter.layers_module.rpartition(".")
+        self.decoder = model.get_submodule(parent)
+        self.head = model.get_output_embeddings()
+
+    @torch.no_grad()
+    def layer_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The hidden states entering layer L, ``[B, T, H]``."""
+        captured: list[torch.Tensor] = []
+
+        def grab(_module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _Captured
+
+        handle = self.layer_module.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        return captured[0].detach()
+
+    def layer_inputs_per_row(
+        self, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32
+    ) -> list[torch.Tensor]:
+        """The hidden states entering layer L of each token sequence, ``[len(seq), H]`` each (right-padded
+        batches of ``batch_size``; a causal LM's states at real positions do not depend on the padding)."""
+        device = next(self.model.parameters()).device
+        states: list[torch.Tensor] = []
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start : start + batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, s in enumerate(chunk):
+                ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+                mask[i, : len(s)] = 1
+            hidden = self.layer_inputs(ids.to(device), mask.to(device))
+            states += [hidden[i, : len(s)] for i, s in enumerate(chunk)]
+        return states
+
+    @contextlib.contextmanager
+    def truncated(self) -> Iterator[nn.Module]:
+        """The decoder with only ``layers[L:]`` (and per-layer config lists cut to match); restored after."""
+        layers = getattr(self.decoder, self.layers_attr)
+        config = self.adapter.text_config(self.model)
+        layer_types = getattr(config, "layer_types", None)
+        handles = []
+        if self.adapter.position_embedding_module:
+            module = self.model.get_submodule(self.adapter.position_embedding_module)
+            handles.append(module.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out)))
+        setattr(self.decoder, self.layers_attr, nn.ModuleList(list(layers)[self.layer :]))
+        if isinstance(layer_types, list):
+            config.layer_types = layer_types[self.layer :]
+        try:
+            yield self.decoder
+        finally:
+            setattr(self.decoder, self.layers_attr, layers)
+            if isinstance(layer_types, list):
+                config.layer_types = layer_types
+            for handle in handles:
+                handle.remove()
+
+    def logits(
+        self,
+        layer_inputs: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """LM logits from layer L upward: ``[B, T, V]``, or ``[N, V]`` at ``(rows, positions)`` only."""
+        with self.truncated() as decoder:
+            out = decoder(inputs_embeds=layer_inputs, attention_mask=attention_mask, use_cache=False)
+        hidden = out[0]
+        if rows is not None:
+            hidden = hidden[rows, positions]
+        return self.head(hidden)
+
+    def full_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The whole model's logits (the reference the layer-cached run must match)."""
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits if rows is None else logits[rows, positions]
+
+    @torch.no_grad()
+    def agrees_with_full_forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        rtol: float = VERIFY_RTOL,
+    ) -> bool:
+        """Whether the layer-cached logits at ``(rows, positions)`` equal a full forward's (within ``rtol``
+        of the largest logit), under whatever hooks are active. A family where this fails must not use the
+        cache: callers fall back to full forwards and log it."""
+        cached = self.logits(self.layer_inputs(input_ids, attention_mask), attention_mask, rows, positions)
+        full = self.full_logits(input_ids, attention_mask, rows, positions)
+        diff = (cached.float() - full.float()).abs().max().item()
+        agrees = diff <= rtol * max(1.0, full.abs().max().item())
+        if not agrees:
+            log.warning(
+                "layer-cached forward of the %s model differs from the full forward by %.3g at layer %d; "
+                "using full forwards instead",
+                self.adapter.family,
+                diff,
+                self.layer,
+            )
+        return agrees
+
+
+def right_pad(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence ``[T_i, H]`` hidden states -> zero right-padded ``[B, T, H]`` and the attention mask."""
+    width = max(len(s) for s in states)
+    padded = states[0].new_zeros(len(states), width, states[0].shape[-1])
+    mask = torch.zeros(len(states), width, dtype=torch.long, device=states[0].device)
+    for i, s in enumerate(states):
+        padded[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return padded, mask
