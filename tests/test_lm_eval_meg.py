@@ -106,3 +106,64 @@ def test_bad_model_args_name_the_field(tiny_model_dir, artifact):
         assert error.value.field == field
     lm = MegLM(pretrained=str(tiny_model_dir("llama")), meg_path=str(artifact), route="none", device="cpu")
     assert lm.edited.meg.routing == "none"
+
+
+def _general_data(folder):
+    """A few records of sst2, rte and mmlu in the shared data's formats (written here, not copied)."""
+    import json
+
+    folder.mkdir()
+    reviews = [("a fine film .", 1), ("dull .", 0)]
+    sst2 = [{"sentence": s, "label": y, "idx": i} for i, (s, y) in enumerate(reviews)]
+    rte = [
+        {"sentence1": "Paris is in France.", "sentence2": "Paris is in Europe.", "label": 0, "idx": 0},
+        {"sentence1": "The cat sleeps.", "sentence2": "The dog barks.", "label": 1, "idx": 1},
+    ]
+    mmlu = [
+        {"question": f"What is {a} + {a}?", "subject": s, "choices": [str(2 * a), "1", "0", "7"], "answer": 0}
+        for a, s in ((2, "elementary_mathematics"), (3, "elementary_mathematics"), (4, "astronomy"))
+    ]
+    for name, records in (("sst2", sst2), ("rte", rte), ("mmlu", mmlu)):
+        (folder / f"{name}.json").write_text(json.dumps(records))
+    return folder
+
+
+def test_an_artifact_that_routes_every_query_away_equals_the_base_model_on_general_tasks(
+    tiny_model_dir, artifact, tmp_path
+):
+    """Issue 7 b: threshold 0 (binary entropy is never below it) -> ``--model meg`` is ``--model hf``."""
+    import json
+    import shutil
+
+    from lm_eval.api.registry import get_model
+
+    from tests.test_lm_eval_support import evaluate_tasks
+
+    never = tmp_path / "never-routes"
+    shutil.copytree(artifact, never)
+    config = json.loads((never / "config.json").read_text())
+    (never / "config.json").write_text(json.dumps({**config, "threshold": 0.0}))
+    model_dir = tiny_model_dir("llama")
+    tasks = ["sst2_meg_local", "rte_meg_local", "mmlu_meg_local"]
+    data = {"general_data": str(_general_data(tmp_path / "general"))}
+    meg = _meg(model_dir, never)
+    hf = get_model("hf").create_from_arg_string(f"pretrained={model_dir}", {"batch_size": 4, "device": "cpu"})
+    outputs = {}
+    for name, lm in (("meg", meg), ("hf", hf)):
+        responses = []
+        for method in ("generate_until", "loglikelihood"):  # every request the tasks send, and scores
+            original = getattr(lm, method)
+
+            def record(requests, _original=original, _responses=responses, **kwargs):
+                result = _original(requests, **kwargs)
+                _responses.extend(result)
+                return result
+
+            setattr(lm, method, record)
+        outputs[name] = (evaluate_tasks(lm, tasks, **data), responses)
+    assert meg.edited.stats["queries"] > 0 and meg.edited.stats["routed"] == 0
+    assert outputs["meg"][1] == outputs["hf"][1] and len(outputs["hf"][1]) == 2 + 2 + 3
+    assert outputs["meg"][0] == outputs["hf"][0]
+    # the same requests scored: log-likelihoods identical too
+    requests = _requests(load_cases("counterfact", None)[:2])
+    assert [ll for ll, _ in meg.loglikelihood(requests)] == [ll for ll, _ in hf.loglikelihood(requests)]
