@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ class RunConfig:
     model: str = "smollm2-135m"
     dataset: str = "counterfact"
     data_path: str | None = None
-    n_edits: int | None = 256
+    n_edits: int | list[int] | None = 256  # a list: one sub-run per scale, under OUT/n<N>/
     range: tuple[int, int] | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     methods: list[str] = field(default_factory=lambda: ["none"])
@@ -35,6 +35,12 @@ class RunConfig:
     one_per_subject: bool = True
     cache_dir: str | None = None
 
+    def scales(self) -> list[RunConfig]:
+        """One config per edit scale (itself when ``n_edits`` is not a list)."""
+        if not isinstance(self.n_edits, list):
+            return [self]
+        return [replace(self, n_edits=n, seeds=list(self.seeds)) for n in self.n_edits]
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["range"] = list(self.range) if self.range is not None else None
@@ -45,7 +51,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,),
     "dataset": (str,),
     "data_path": (str, type(None)),
-    "n_edits": (int, type(None)),
+    "n_edits": (int, list, type(None)),
     "range": (list, type(None)),
     "seeds": (list, int),
     "methods": (list, str),
@@ -93,6 +99,10 @@ def parse_config(data: Any, source: str = "<config>") -> RunConfig:
     return config
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _check_values(config: RunConfig, source: str) -> None:
     if config.dataset not in DATASETS:
         raise HarnessError(
@@ -104,8 +114,17 @@ def _check_values(config: RunConfig, source: str) -> None:
         raise HarnessError(
             f"unknown dtype {config.dtype!r}; use one of {', '.join(DTYPES)}", file=source, field="dtype"
         )
-    if config.n_edits is not None and config.n_edits <= 0:
-        raise HarnessError("n_edits must be a positive integer or null", file=source, field="n_edits")
+    scales = config.n_edits if isinstance(config.n_edits, list) else [config.n_edits]
+    if (
+        not scales
+        or not all(n is None or _positive_int(n) for n in scales)
+        or len(set(scales)) != len(scales)
+    ):
+        raise HarnessError(
+            "n_edits must be a positive integer, null, or a list of distinct positive integers",
+            file=source,
+            field="n_edits",
+        )
     if config.range is not None:
         if len(config.range) != 2 or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in config.range

@@ -1,7 +1,8 @@
 """`meg-harness run`: config -> cases -> each method fitted and scored per seed -> result files.
 
 Layout written under OUT (see DESIGN.md): ``<method>/seed<k>/{metrics.json, items.jsonl, artifact/}``
-and ``<method>/metrics.json`` (averaged over seeds). A finished method/seed (its metrics.json exists)
+and ``<method>/metrics.json`` (averaged over seeds); with ``n_edits`` a list of scales, that layout under
+``OUT/n<N>/`` for each. A finished method/seed (its metrics.json exists)
 is not recomputed; each one is written into a temporary folder and renamed when complete.
 """
 
@@ -49,7 +50,17 @@ def seed_everything(seed: int) -> None:
 def run_experiment(
     config: RunConfig, out: Path, *, config_source: str = "<config>", log: Log = print
 ) -> dict:
-    """Run every method and seed of ``config`` into ``out``; returns {method: averaged metrics}."""
+    """Run every method and seed of ``config`` into ``out``; returns {method: averaged metrics}.
+
+    With ``n_edits`` a list, each scale is a run of its own in ``out/n<N>``; returns {N: {method: ...}}."""
+    if isinstance(config.n_edits, list):
+        results = {}
+        for scaled in config.scales():
+            log(f"scale {scaled.n_edits}: {Path(out) / f'n{scaled.n_edits}'}")
+            results[scaled.n_edits] = run_experiment(
+                scaled, Path(out) / f"n{scaled.n_edits}", config_source=config_source, log=log
+            )
+        return results
     out = Path(out)
     # unknown method: fail before work; "meg@no-fn" is a labelled variant of "meg" (own hparams and folder)
     editor_classes = {m: get_editor_class(m.partition("@")[0]) for m in config.methods}
@@ -85,7 +96,8 @@ def run_experiment(
         evaluator.check_inputs(model, cases)
         cases_per_seed[seed] = cases
     # Everything is validated: from here on, results are written.
-    atomic_write_text(out / "run_config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    recorded = _merged_with_previous(out, config.to_dict())
+    atomic_write_text(out / "run_config.json", json.dumps(recorded, indent=2, sort_keys=True) + "\n")
 
     for seed, cases in cases_per_seed.items():
         for method in config.methods:
@@ -218,6 +230,19 @@ def _aggregate(method_dir: Path, seeds: list[int]) -> dict:
     )
     atomic_write_text(method_dir / "metrics.json", json.dumps(averaged, indent=2, sort_keys=True) + "\n")
     return averaged
+
+
+def _merged_with_previous(out: Path, new: dict[str, Any]) -> dict[str, Any]:
+    """The run config to record: a run that adds methods or seeds to ``out`` keeps the earlier ones."""
+    previous = out / "run_config.json"
+    if not previous.is_file():
+        return new
+    old = json.loads(previous.read_text())
+    merged = dict(new)
+    for key in ("methods", "seeds"):
+        merged[key] = old.get(key, []) + [v for v in new[key] if v not in old.get(key, [])]
+    merged["hparams"] = {**old.get("hparams", {}), **new.get("hparams", {})}
+    return merged
 
 
 def _check_previous_run(out: Path, config: RunConfig) -> None:

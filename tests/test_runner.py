@@ -132,6 +132,37 @@ def test_adding_a_labelled_variant_reuses_finished_results(run_config, tmp_path,
     assert "changed: hparams" in capsys.readouterr().err
 
 
+def test_a_run_that_adds_methods_records_the_earlier_ones(run_config, tmp_path):
+    out = tmp_path / "out"
+    first = run_config(seeds=[0], methods=["none@a"], hparams={"none@a": {"note": "a"}})
+    assert main(["run", str(first), "--out", str(out)]) == 0
+    second = run_config(seeds=[1], methods=["none@b"], hparams={"none@b": {"note": "b"}})
+    assert main(["run", str(second), "--out", str(out)]) == 0
+    recorded = json.loads((out / "run_config.json").read_text())
+    assert recorded["methods"] == ["none@a", "none@b"] and recorded["seeds"] == [0, 1]
+    assert recorded["hparams"] == {"none@a": {"note": "a"}, "none@b": {"note": "b"}}
+
+
+def test_edit_scales_run_one_after_another_and_resume(run_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    config = run_config(n_edits=[2, 3], seeds=[0])
+    assert main(["run", str(config), "--out", str(out)]) == 0
+    for n in (2, 3):
+        metrics = json.loads((out / f"n{n}" / "none" / "seed0" / "metrics.json").read_text())
+        assert metrics["counts"]["cases"] == n and metrics["config"]["n_edits"] == n
+    finished = out / "n2" / "none" / "seed0" / "metrics.json"
+    stamp = finished.stat().st_mtime_ns
+    (out / "n3" / "none" / "seed0" / "metrics.json").unlink()  # as if killed during the second scale
+    capsys.readouterr()
+    assert main(["run", str(run_config(n_edits=[2, 3, 4], seeds=[0])), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert log.count("already done") == 1 and finished.stat().st_mtime_ns == stamp
+    assert (out / "n3" / "none" / "seed0" / "metrics.json").is_file()
+    assert json.loads((out / "n4" / "none" / "seed0" / "metrics.json").read_text())["counts"]["cases"] == 4
+    assert main(["run", str(run_config(n_edits=[2, 2])), "--out", str(out)]) == 2
+    assert "n_edits" in capsys.readouterr().err
+
+
 def test_leaderboard_formats(run_config, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", str(run_config()), "--out", str(out)]) == 0
