@@ -56,6 +56,14 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tables(args: argparse.Namespace) -> int:
+    from meg_harness.report.tables import write_tables
+
+    for path in write_tables(Path(args.directory), Path(args.out) if args.out else None):
+        print(path)
+    return 0
+
+
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from meg_harness.models.tiny import make_tiny_model
 
@@ -215,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("directory")
     board.add_argument("--format", default="md", choices=["md", "csv", "latex"])
     board.set_defaults(handler=_cmd_leaderboard)
+
+    tables = commands.add_parser(
+        "tables", help="the paper's tables (markdown) and figures (PNG) from results"
+    )
+    tables.add_argument(
+        "directory", help="folder searched recursively for run, lm-eval and layer-sweep results"
+    )
+    tables.add_argument("--out", help="output folder (default: DIRECTORY/tables)")
+    tables.set_defaults(handler=_cmd_tables)
 
     tiny = commands.add_parser(
         "make-tiny-model", help="a random tiny model with an offline-trained tokenizer"

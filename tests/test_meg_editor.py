@@ -161,9 +161,7 @@ def test_data_augmentation_trains_irrelevant_prompts_to_the_zero_neuron(tiny_mod
     distinct_encoder = tmp_path / "encoder"
     make_tiny_text_encoder(init_range=0.3).save(distinct_encoder)
     model, tokenizer = tiny_models("llama")
-    hparams = tiny_hparams(
-        str(distinct_encoder), augment={"enabled": True, "n": 3, "source": str(source)}
-    )
+    hparams = tiny_hparams(str(distinct_encoder), augment={"enabled": True, "n": 3, "source": str(source)})
     editor = get_editor_class("meg")(hparams)
     editor.cache_dir = tmp_path / "cache"
     edited = editor.fit(model, tokenizer, cases[:3], TEMPLATE)

@@ -1,1 +1,1 @@
-"""Reports from result files: leaderboards (and, later, the paper's tables and figures)."""
+"""Reports from result files: leaderboards (leaderboard.py) and the paper's tables and figures (tables.py)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,16 +11,16 @@ from pathlib import Path
 
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
+from meg_harness.report.results import (
+    COLUMN_TITLES,
+    best_values,
+    format_cell,
+    is_marked,
+    metric_values,
+    read_json,
+)
 
-COLUMN_TITLES = {
-    "reliability_ag": "Rel AG",
-    "reliability_tf": "Rel TF",
-    "generality_ag": "Gen AG",
-    "generality_tf": "Gen TF",
-    "locality_ag": "Loc AG",
-    "locality_tf": "Loc TF",
-    "score": "Score",
-}
+__all__ = ["COLUMN_TITLES", "FORMATS", "Row", "collect_rows", "leaderboard", "render"]
 FORMATS = ("md", "csv", "latex")
 
 
@@ -43,15 +42,10 @@ def collect_rows(directory: Path) -> list[Row]:
     for path in sorted(directory.rglob("metrics.json")):
         if path.parent.name.startswith("seed") or any(p.startswith(".") for p in path.parts):
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise HarnessError(f"unreadable result file: {error}", file=path) from None
+        data = read_json(path)
         if not isinstance(data, dict) or "method" not in data or "config" not in data:
             continue  # not a seed-averaged result of ours
-        missing = [k for k in ALL_METRIC_KEYS if k not in data]
-        if missing:
-            raise HarnessError("result file lacks a metric", file=path, field=missing[0])
+        values = metric_values(data, path)
         config = data["config"]
         n_edits = data.get("counts", {}).get("cases", config.get("n_edits"))
         group = (str(config.get("model")), str(config.get("dataset")), str(n_edits))
@@ -59,7 +53,7 @@ def collect_rows(directory: Path) -> list[Row]:
             Row(
                 group,
                 data["method"],
-                {k: float(data[k]) for k in ALL_METRIC_KEYS},
+                values,
                 {k: float(data.get(f"{k}_std", math.nan)) for k in ALL_METRIC_KEYS},
                 len(data.get("seeds", [0])),
             )
@@ -71,15 +65,11 @@ def collect_rows(directory: Path) -> list[Row]:
 
 def _best(rows: Sequence[Row]) -> dict[str, float]:
     """Best value per column among edited methods (``none`` is the reference row, never marked)."""
-    edited = [r for r in rows if r.method != "none"] or list(rows)
-    return {k: max(r.values[k] for r in edited) for k in ALL_METRIC_KEYS}
+    return best_values(rows, ALL_METRIC_KEYS)
 
 
 def _cell(row: Row, key: str) -> str:
-    text = f"{row.values[key]:.2f}"
-    if not math.isnan(row.stds[key]):
-        text += f" ± {row.stds[key]:.2f}"
-    return text
+    return format_cell(row.values[key], row.stds[key])
 
 
 def render(rows: Sequence[Row], fmt: str = "md") -> str:
@@ -126,7 +116,7 @@ def _markdown(groups: dict[tuple[str, str, str], list[Row]]) -> str:
         for row in rows:
             cells = []
             for key in ALL_METRIC_KEYS:
-                marked = row.method != "none" and len(rows) > 1 and row.values[key] == best[key]
+                marked = is_marked(row, key, best, len(rows))
                 cells.append(f"**{_cell(row, key)}**" if marked else _cell(row, key))
             lines.append(f"| {row.method} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -146,7 +136,7 @@ def _latex(groups: dict[tuple[str, str, str], list[Row]]) -> str:
             cells = []
             for key in ALL_METRIC_KEYS:
                 text = _cell(row, key).replace("±", "$\\pm$")
-                marked = row.method != "none" and len(rows) > 1 and row.values[key] == best[key]
+                marked = is_marked(row, key, best, len(rows))
                 cells.append(f"\\textbf{{{text}}}" if marked else text)
             lines.append(row.method.replace("_", "\\_") + " & " + " & ".join(cells) + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}", ""]

@@ -1,0 +1,214 @@
+"""Tables from lm-eval results: general benchmarks (paper Table 3), UnKE (Table 17), MQuAKE (Table 18).
+
+lm-eval reports fractions; these tables show percentages. Per evaluated edit (model, edit setting, method,
+seed) and column, the newest results file that has the column counts; columns are then averaged over seeds
+(mean ± sample std).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from meg_harness.report.lmeval_results import EvalResult, recency_key
+from meg_harness.report.markdown import file_part, metric_cells, paper_cells, paper_label, pipe_table, section
+from meg_harness.report.outputs import Built, Skipped, markdown_output
+from meg_harness.report.paper import method_title, paper_columns, paper_row
+from meg_harness.report.results import UNEDITED, best_values
+
+GENERAL = "Table 3 (general benchmarks: unedited vs edited)"
+UNKE = "Table 17 (UnKEBench)"
+MQUAKE = "Table 18 (MQuAKE)"
+# benchmark -> (title, lm-eval tasks that measure it, most preferred first)
+BENCHMARKS = {
+    "bbh": ("BBH", ("bbh_meg", "bbh_meg_local", "bbh")),
+    "gsm8k": ("GSM8K", ("gsm8k_meg", "gsm8k_meg_local", "gsm8k")),
+    "mmlu": ("MMLU", ("mmlu_meg", "mmlu_meg_local", "mmlu")),
+    "rte": ("RTE", ("rte_meg", "rte_meg_local", "rte")),
+    "sst2": ("SST-2", ("sst2_meg", "sst2_meg_local", "sst2")),
+}
+BENCHMARK_METRICS = ("acc,none", "exact_match,none", "exact_match,strict-match", "exact_match,get-answer")
+MQUAKE_COLUMNS = {"edit_wise": "Edit-wise", "instance_wise": "Instance-wise", "multi_hop": "Multi-hop"}
+UNKE_COLUMNS = {
+    "reliability_rougeL": "Rel ROUGE-L",
+    "reliability_similarity": "Rel similarity",
+    "generality_rougeL": "Gen ROUGE-L",
+    "generality_similarity": "Gen similarity",
+}
+LEGEND = (
+    "Percentages (lm-eval's fractions × 100); mean ± sample std over the seeds of an edit where several were "
+    "evaluated. **Bold**: best edited method. Rows marked ↳ paper hold the paper's published numbers for "
+    "the same model, edit setting and method (in italics): not our results."
+)
+Extract = Callable[[EvalResult], dict[str, tuple[float, str]]]  # column -> (percentage, task/metric)
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    model: str
+    dataset: str | None
+    n_edits: int | None
+    method: str
+    values: dict[str, float]
+    stds: dict[str, float]
+    seeds: int
+    sources: dict[str, frozenset[str]]  # column -> the task/metric names it came from
+
+    @property
+    def edit(self) -> str:
+        if self.method == UNEDITED:
+            return "–"
+        return f"{self.dataset or '?'}, {self.n_edits if self.n_edits is not None else '?'} edits"
+
+
+def aggregate(results: Sequence[EvalResult], extract: Extract) -> list[EvalRow]:
+    """One row per (model, edit setting, method): columns averaged over seeds (newest file per seed)."""
+    latest: dict[tuple, dict[str, tuple[float, str]]] = {}
+    for result in sorted(results, key=recency_key):
+        key = (result.model, result.dataset, result.n_edits, result.method, result.seed)
+        latest.setdefault(key, {}).update(extract(result))
+    grouped: dict[tuple, list[dict[str, tuple[float, str]]]] = {}
+    for (model, dataset, n_edits, method, _seed), columns in latest.items():
+        if columns:
+            grouped.setdefault((model, dataset, n_edits, method), []).append(columns)
+    rows = []
+    for (model, dataset, n_edits, method), per_seed in grouped.items():
+        values, stds, sources = {}, {}, {}
+        for column in sorted({c for seed in per_seed for c in seed}):
+            present = [seed[column] for seed in per_seed if column in seed]
+            numbers = [value for value, _ in present]
+            values[column] = math.fsum(numbers) / len(numbers)
+            stds[column] = statistics.stdev(numbers) if len(numbers) > 1 else math.nan
+            sources[column] = frozenset(source for _, source in present)
+        rows.append(EvalRow(model, dataset, n_edits, method, values, stds, len(per_seed), sources))
+    return sorted(
+        rows, key=lambda r: (r.model, *_edit_order((r.dataset, r.n_edits)), r.method != UNEDITED, r.method)
+    )
+
+
+def _edit_order(edit: tuple[str | None, int | None]) -> tuple[str, int]:
+    return (edit[0] or "", edit[1] or 0)
+
+
+def _percent(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return 100.0 * float(value)
+
+
+def task_columns(task: str, columns: Sequence[str]) -> Extract:
+    """Extractor of ``columns`` (metric names, filter ``none``) of one lm-eval task."""
+
+    def extract(result: EvalResult) -> dict[str, tuple[float, str]]:
+        metrics = result.results.get(task, {})
+        found = {c: _percent(metrics.get(f"{c},none")) for c in columns}
+        return {c: (v, f"{task} {c},none") for c, v in found.items() if v is not None}
+
+    return extract
+
+
+def benchmark_columns(result: EvalResult) -> dict[str, tuple[float, str]]:
+    """Per benchmark, the first of its tasks (and of :data:`BENCHMARK_METRICS`) present in ``result``."""
+    found = {}
+    for benchmark, (_title, tasks) in BENCHMARKS.items():
+        for task in tasks:
+            metrics = result.results.get(task, {})
+            metric = next((m for m in BENCHMARK_METRICS if _percent(metrics.get(m)) is not None), None)
+            if metric is not None:
+                found[benchmark] = (_percent(metrics[metric]), f"{task} {metric}")
+                break
+    return found
+
+
+def _sources_note(rows: Sequence[EvalRow], titles: Mapping[str, str]) -> str:
+    used = {c: sorted(set().union(*(r.sources.get(c, frozenset()) for r in rows))) for c in titles}
+    return "Measured by: " + "; ".join(f"{titles[c]}: {', '.join(s)}" for c, s in used.items() if s) + "."
+
+
+def general_tables(results: Sequence[EvalResult]) -> Built:
+    """Per model: benchmarks as rows, the unedited model and each evaluated edit as columns (Table 3)."""
+    rows = aggregate(results, benchmark_columns)
+    if not rows:
+        tasks = ", ".join(t for _title, tasks in BENCHMARKS.values() for t in tasks[:1])
+        return [Skipped(GENERAL, f"no lm-eval results of the general benchmarks ({tasks}, ...)")]
+    outputs = []
+    for model in sorted({r.model for r in rows}):
+        lines = []
+        mine = [r for r in rows if r.model == model]
+        edits = sorted({(r.dataset, r.n_edits) for r in mine if r.method != UNEDITED}, key=_edit_order)
+        for dataset, n_edits in edits or [(None, None)]:
+            columns = [
+                r for r in mine if r.method == UNEDITED or (r.dataset, r.n_edits) == (dataset, n_edits)
+            ]
+            lines += _general_section(model, dataset, n_edits, columns)
+        title = f"General benchmarks after editing: {model}"
+        outputs.append(markdown_output(f"general_{file_part(model)}.md", title, lines))
+    return outputs
+
+
+def _general_section(
+    model: str, dataset: str | None, n_edits: int | None, columns: list[EvalRow]
+) -> list[str]:
+    titles = {b: title for b, (title, _tasks) in BENCHMARKS.items()}
+    header = ["Task", *(method_title(c.method) if c.method == UNEDITED else c.method for c in columns)]
+    papers = [paper_row("general", model, dataset, n_edits, c.method) for c in columns]
+    body = []
+    for benchmark, title in titles.items():  # the methods (columns) compete for the best value of a row
+        best = best_values(columns, [benchmark])
+        body.append([title, *(metric_cells(c, c.stds, [benchmark], best, len(columns))[0] for c in columns)])
+        if any(papers):
+            table_id = next(p.table for p in papers if p)
+            body.append(
+                [f"↳ paper ({table_id})", *(paper_cells(p, [benchmark])[0] if p else "–" for p in papers)]
+            )
+    edited = any(c.method != UNEDITED for c in columns)
+    edit = f"{dataset or '?'}, {n_edits or '?'} edits" if edited else "no edited model evaluated"
+    notes = [f"Edits: {edit}. Layout of the paper's Table 3 (Phi-2 after 10000 ZsRE edits).", LEGEND]
+    notes.append(_sources_note(columns, titles))
+    return section(f"{model} · {edit}", notes, pipe_table(header, body))
+
+
+def _per_row_tables(
+    results: Sequence[EvalResult], title: str, task: str, columns: Mapping[str, str], kind: str, name: str
+) -> Built:
+    """One table per model: a row per (edit setting, method), the paper's row after a matching one."""
+    rows = aggregate(results, task_columns(task, list(columns)))
+    if not rows:
+        return [Skipped(title, f"no lm-eval results of the task {task}")]
+    extra = {k: f"{k.upper()} (paper's measure)" for k in paper_columns(kind) if k not in columns}
+    keys = [*columns, *extra]
+    header = ["Method", "Edits", *columns.values(), *extra.values(), "Seeds"]
+    lines = []
+    for model in sorted({r.model for r in rows}):
+        body = []
+        mine = [r for r in rows if r.model == model]
+        for _edit, group in itertools.groupby(mine, lambda r: (r.dataset, r.n_edits)):
+            group = list(group)
+            best = best_values(group, list(columns))
+            for row in group:
+                body.append(
+                    [
+                        row.method,
+                        row.edit,
+                        *metric_cells(row, row.stds, keys, best, len(group)),
+                        str(row.seeds),
+                    ]
+                )
+                paper = paper_row(kind, model, row.dataset, row.n_edits, row.method)
+                if paper is not None:
+                    body.append([paper_label(paper), row.edit, *paper_cells(paper, keys), "–"])
+        lines += section(model, [LEGEND], pipe_table(header, body, text_columns=2))
+    return [markdown_output(name, title, lines)]
+
+
+def mquake_tables(results: Sequence[EvalResult]) -> Built:
+    """Paper Table 18: edit-wise, instance-wise and multi-hop accuracy (task ``mquake_ke``)."""
+    return _per_row_tables(results, MQUAKE, "mquake_ke", MQUAKE_COLUMNS, "mquake", "mquake.md")
+
+
+def unke_tables(results: Sequence[EvalResult]) -> Built:
+    """Paper Table 17: ROUGE-L and semantic similarity of long answers (task ``unke_ke``)."""
+    return _per_row_tables(results, UNKE, "unke_ke", UNKE_COLUMNS, "unke", "unke.md")

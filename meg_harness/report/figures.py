@@ -1,0 +1,176 @@
+"""The paper's figures as PNG: Score vs edit scale (Figs. 3-4), Reliability vs layer (Figs. 5-7), and
+Score / Generality / Locality vs the familiarity threshold (Table 16 as a plot).
+
+Drawn on a bare Agg canvas with matplotlib's default style and saved without metadata, so the same inputs
+give the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+from collections.abc import Sequence
+
+from meg_harness.report.ablation import threshold_series
+from meg_harness.report.markdown import file_part
+from meg_harness.report.outputs import Built, Output, Skipped
+from meg_harness.report.paper import method_title, paper_tables
+from meg_harness.report.results import UNEDITED
+from meg_harness.report.runs import RunResult
+from meg_harness.report.sweeps import LayerSweep
+
+SCALE = "Figures 3-4 (Score vs number of edits)"
+LAYERS = "Figures 5-7 (Reliability AG vs layer of the edit neuron)"
+THRESHOLD = "Threshold sensitivity (Score, Generality, Locality vs familiarity.threshold; cf. Table 16)"
+THRESHOLD_CURVES = {
+    "score": "Score",
+    "generality_ag": "Generality AG",
+    "locality_ag": "Locality AG",
+    "locality_tf": "Locality TF",
+}
+
+
+def _new_axes(figsize: tuple[float, float] = (6.4, 4.0)):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize, dpi=100)
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots()
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _draw(draw, *args) -> bytes:
+    """Run ``draw(axes, *args)`` under matplotlib's default style; the PNG bytes."""
+    import matplotlib.style
+
+    with matplotlib.style.context("default"):
+        figure, axes = _new_axes()
+        draw(axes, *args)
+        return _png(figure)
+
+
+def scale_figures(runs: Sequence[RunResult]) -> Built:
+    """Per (model, dataset) run at two or more scales: each method's Score vs the number of edits."""
+    plain = [r for r in runs if not r.is_variant and r.method != UNEDITED]
+    pairs = sorted({(r.model, r.dataset) for r in plain})
+    outputs = []
+    for model, dataset in pairs:
+        rows = sorted((r for r in plain if (r.model, r.dataset) == (model, dataset)), key=lambda r: r.run)
+        if len({r.n_edits for r in rows}) < 2:
+            continue
+        png = _draw(_scale_plot, model, dataset, rows)
+        title = f"Score vs number of edits: {dataset} · {model}"
+        outputs.append(Output(f"score_vs_scale_{file_part(dataset)}_{file_part(model)}.png", png, title))
+    return outputs or [Skipped(SCALE, "no model × dataset with run results at two or more edit scales")]
+
+
+def _paper_scores(model: str, dataset: str, method: str) -> list[tuple[int, float]]:
+    points: dict[int, float] = {}
+    for table in paper_tables():
+        for row in table.rows:
+            if table.kind == "editing" and (row.model, row.dataset, row.method) == (model, dataset, method):
+                points.setdefault(row.n_edits, row.values["score"])
+    return sorted(points.items())
+
+
+def _scale_plot(axes, model: str, dataset: str, rows: Sequence[RunResult]) -> None:
+    colors = itertools.cycle(f"C{i}" for i in range(10))
+    scales: set[int] = set()
+    for method in sorted({r.method for r in rows}):
+        points: dict[int, RunResult] = {}
+        for row in rows:
+            if row.method == method:
+                points.setdefault(row.n_edits, row)
+        xs = sorted(points)
+        ys = [points[n].values["score"] for n in xs]
+        errors = [0.0 if math.isnan(points[n].stds["score"]) else points[n].stds["score"] for n in xs]
+        color = next(colors)
+        axes.errorbar(xs, ys, yerr=errors, marker="o", color=color, capsize=3, label=method)
+        scales.update(xs)
+        published = _paper_scores(model, dataset, method)
+        if published:
+            axes.plot(
+                *zip(*published),
+                "--",
+                marker="x",
+                color=color,
+                alpha=0.7,
+                label=f"paper: {method_title(method)}",
+            )
+            scales.update(n for n, _ in published)
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(sorted(scales), [str(n) for n in sorted(scales)])
+    axes.minorticks_off()
+    axes.set_xlabel("number of edits")
+    axes.set_ylabel("Score (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title(f"{model} · {dataset}: Score vs edit scale")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+
+
+def layer_figures(sweeps: Sequence[LayerSweep]) -> Built:
+    """Per model: Reliability AG vs layer, one line per layer sweep (dataset)."""
+    if not sweeps:
+        return [Skipped(LAYERS, "no layer_sweep.json (meg-harness layer-sweep)")]
+    outputs = []
+    for model in sorted({s.model for s in sweeps}):
+        mine = sorted((s for s in sweeps if s.model == model), key=lambda s: (s.dataset, s.source))
+        png = _draw(_layer_plot, model, mine)
+        outputs.append(
+            Output(f"reliability_vs_layer_{file_part(model)}.png", png, f"Reliability vs layer: {model}")
+        )
+    return outputs
+
+
+def _layer_plot(axes, model: str, sweeps: Sequence[LayerSweep]) -> None:
+    datasets = [s.dataset for s in sweeps]
+    for sweep in sweeps:
+        label = sweep.dataset + (f" (n={sweep.n})" if sweep.n is not None else "")
+        if datasets.count(sweep.dataset) > 1:
+            label += f" [{sweep.source}]"
+        axes.plot(sweep.layers, sweep.reliability_ag, "o-", markersize=4, label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("layer of the edit neuron")
+    axes.set_ylabel("Reliability AG (%)")
+    axes.set_ylim(0, 105)
+    axes.set_title(f"{model}: single-neuron Reliability per layer")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+
+
+def threshold_figures(runs: Sequence[RunResult]) -> Built:
+    """Per setting with MeG results that differ only in the familiarity threshold (two or more values)."""
+    outputs = []
+    for (model, dataset, n_edits), points in sorted(threshold_series(runs).items()):
+        png = _draw(_threshold_plot, f"{model} · {dataset} · {n_edits} edits", points)
+        name = f"threshold_{file_part(dataset)}_{file_part(model)}_n{n_edits}.png"
+        outputs.append(Output(name, png, f"Threshold sensitivity: {dataset} · {model} · {n_edits} edits"))
+    reason = "no MeG results that differ only in familiarity.threshold (e.g. meg@eps0.1 beside meg)"
+    return outputs or [Skipped(THRESHOLD, reason)]
+
+
+def _threshold_plot(axes, title: str, points: Sequence[tuple[float, RunResult]]) -> None:
+    thresholds = [t for t, _ in points]
+    for key, label in THRESHOLD_CURVES.items():
+        axes.plot(thresholds, [r.values[key] for _, r in points], "o-", label=label)
+    if thresholds[0] > 0 and thresholds[-1] / thresholds[0] >= 10:
+        axes.set_xscale("log")
+    axes.set_xticks(thresholds, [f"{t:g}" for t in thresholds])
+    axes.minorticks_off()
+    axes.set_xlabel("familiarity threshold (entropy, nats)")
+    axes.set_ylabel("%")
+    axes.set_ylim(0, 105)
+    axes.set_title(f"{title}: familiarity threshold")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")

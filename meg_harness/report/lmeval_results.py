@@ -1,0 +1,131 @@
+"""lm-eval results files (``<output_path>/<model>/results_<time>.json``): which model and edit they scored.
+
+The edit comes from ``config.model`` and ``config.model_args``: ``hf`` (or ``edited`` without ``delta``) is
+the unedited model; ``meg`` (``meg_path=``) and ``edited`` (``delta=``) name an artifact folder. For an
+artifact written by ``meg-harness run`` (``<run>/<label>/seed<k>/artifact``) the label and seed come from
+its path, and the edit setting (dataset, number of edits) from the run's ``metrics.json`` beside it when
+that file can be read; the method otherwise comes from the artifact's ``editor.json``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meg_harness.errors import HarnessError
+from meg_harness.report.model_names import canonical_model
+from meg_harness.report.results import UNEDITED, read_json
+from meg_harness.report.runs import SEED_FOLDER, visible_files
+
+ARTIFACT_KEYS = {"meg": "meg_path", "edited": "delta"}
+EDITOR_FILES = ("editor.json", "edit.json")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One lm-eval results file: task -> metric -> value (as lm-eval writes them: fractions)."""
+
+    model: str
+    method: str
+    seed: int | None
+    dataset: str | None  # of the edit (None: unedited or unknown)
+    n_edits: int | None
+    results: Mapping[str, Mapping[str, Any]]
+    source: str  # the results file, relative to the scanned folder
+
+
+def parse_model_args(value: Any, path: Path) -> dict[str, str]:
+    """``model_args`` as lm-eval records it: a mapping, or a ``key=value,key=value`` string."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    if value is None or value == "":
+        return {}
+    if not isinstance(value, str):
+        raise HarnessError(
+            "model_args is neither a mapping nor a string", file=path, field="config.model_args"
+        )
+    pairs = [part.split("=", 1) for part in value.split(",") if part.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise HarnessError(f"model_args {value!r} is not key=value,...", file=path, field="config.model_args")
+    return {key.strip(): item.strip() for key, item in pairs}
+
+
+def collect_eval_results(directory: Path, skip: Sequence[Path] = ()) -> list[EvalResult]:
+    """Every ``results_*.json`` under ``directory`` (sorted by path)."""
+    return [_read(directory, path) for path in visible_files(directory, "results_*.json", skip)]
+
+
+def _read(directory: Path, path: Path) -> EvalResult:
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise HarnessError("not an lm-eval results file", file=path, field="results")
+    config = data.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), str):
+        raise HarnessError("lm-eval results file lacks the model", file=path, field="config.model")
+    args = parse_model_args(config.get("model_args"), path)
+    method, seed, dataset, n_edits, run_model = _edit(config["model"], args, directory, path)
+    model = run_model or canonical_model(args.get("pretrained") or data.get("model_name") or "unknown")
+    return EvalResult(
+        model, method, seed, dataset, n_edits, data["results"], path.relative_to(directory).as_posix()
+    )
+
+
+def _edit(kind: str, args: Mapping[str, str], directory: Path, path: Path) -> tuple:
+    """(method label, seed, dataset, n_edits, model of the run) of the edit that was evaluated."""
+    artifact = args.get(ARTIFACT_KEYS.get(kind, ""))
+    if kind == "hf" or (kind == "edited" and not artifact):
+        return UNEDITED, None, None, None, None
+    if not artifact:
+        return kind, None, None, None, None
+    folder = Path(artifact)
+    seed_match = SEED_FOLDER.match(folder.parent.name)
+    label = folder.parent.parent.name if folder.name == "artifact" and seed_match else None
+    seed = int(seed_match.group(1)) if label else None
+    run = _run_record(folder, directory, path)
+    if run is not None:
+        config = run.get("config", {})
+        counts = run.get("counts", {}) if isinstance(run.get("counts"), dict) else {}
+        method = label or str(run.get("method", kind))
+        model = canonical_model(config["model"]) if isinstance(config.get("model"), str) else None
+        return method, seed, config.get("dataset"), counts.get("cases", config.get("n_edits")), model
+    return label or _editor_method(folder) or kind, seed, None, None, None
+
+
+def _candidates(folder: Path, directory: Path, path: Path) -> list[Path]:
+    """Where the artifact folder may be: as recorded (absolute or from the working directory), or relative
+    to the scanned folder or to the results file."""
+    if folder.is_absolute():
+        return [folder]
+    return [folder, directory / folder, path.parent / folder]
+
+
+def _run_record(folder: Path, directory: Path, path: Path) -> dict | None:
+    for candidate in _candidates(folder, directory, path):
+        metrics = candidate.parent / "metrics.json"
+        if candidate.name == "artifact" and metrics.is_file():
+            data = read_json(metrics)
+            if isinstance(data, dict) and isinstance(data.get("config"), dict):
+                return data
+    return None
+
+
+def _editor_method(folder: Path) -> str | None:
+    for name in EDITOR_FILES:
+        if (folder / name).is_file():
+            data = read_json(folder / name)
+            method = data.get("method") if isinstance(data, dict) else None
+            if isinstance(method, str) and method:
+                return method
+    return None
+
+
+_TIMESTAMP = re.compile(r"results_(.+)\.json$")
+
+
+def recency_key(result: EvalResult) -> tuple[str, str]:
+    """Sort key that puts the latest results file last (lm-eval's timestamp in the name, then the path)."""
+    match = _TIMESTAMP.search(result.source)
+    return (match.group(1) if match else "", result.source)

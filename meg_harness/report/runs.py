@@ -1,0 +1,170 @@
+"""Run results (``meg-harness run`` output) found under a folder, aggregated over seeds per method label.
+
+A method folder ``<run>/<label>/`` contributes its ``seed<k>/metrics.json`` files (mean and sample std over
+seeds, as the runner averages them); a method folder with only the seed-averaged ``metrics.json`` (no seed
+files) contributes that file and its ``<key>_std`` values. Hparams: those the editor resolved (kept in
+``seed<k>/artifact/config.json`` by MeG) when present, else those metrics.json records.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meg_harness.errors import HarnessError
+from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
+from meg_harness.report.model_names import canonical_model
+from meg_harness.report.results import metric_values, read_json
+
+SEED_FOLDER = re.compile(r"^seed(\d+)$")
+ARTIFACT_CONFIG = Path("artifact") / "config.json"
+Setting = tuple[str, str, int]  # (model, dataset, n_edits)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One method label of one run folder: metrics (percentages) averaged over its seeds."""
+
+    model: str
+    dataset: str
+    n_edits: int
+    method: str
+    values: dict[str, float]
+    stds: dict[str, float]
+    seeds: tuple[int, ...]
+    run: str  # the run folder, relative to the scanned folder (POSIX)
+    hparams: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def setting(self) -> Setting:
+        return (self.model, self.dataset, self.n_edits)
+
+    @property
+    def base_method(self) -> str:
+        """``meg`` for ``meg@no-fn``."""
+        return self.method.partition("@")[0]
+
+    @property
+    def is_variant(self) -> bool:
+        return "@" in self.method
+
+
+def visible_files(directory: Path, name: str, skip: Sequence[Path] = ()) -> list[Path]:
+    """Files matching ``name`` under ``directory`` (sorted), outside hidden folders and ``skip`` folders."""
+    skip = [Path(s).resolve() for s in skip]
+    found = []
+    for path in sorted(directory.rglob(name)):
+        relative = path.relative_to(directory)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        if any(path.resolve().is_relative_to(s) for s in skip):
+            continue
+        found.append(path)
+    return found
+
+
+def collect_runs(directory: Path, skip: Sequence[Path] = ()) -> list[RunResult]:
+    """Every method label of every run under ``directory``, sorted by setting, then as the leaderboard."""
+    per_method: dict[Path, list[tuple[Path, dict]]] = {}
+    averaged: dict[Path, tuple[Path, dict]] = {}
+    for path in visible_files(directory, "metrics.json", skip):
+        data = read_json(path)
+        if not isinstance(data, dict) or "method" not in data or "config" not in data:
+            continue  # not a result of ours
+        if SEED_FOLDER.match(path.parent.name):
+            per_method.setdefault(path.parent.parent, []).append((path, data))
+        else:
+            averaged[path.parent] = (path, data)
+    results = [_from_seeds(directory, folder, files) for folder, files in per_method.items()]
+    results += [
+        _from_average(directory, folder, *averaged[folder]) for folder in averaged if folder not in per_method
+    ]
+    return sorted(results, key=_order)
+
+
+def _order(result: RunResult) -> tuple:
+    return (result.setting, result.method != "none", -result.values["score"], result.method, result.run)
+
+
+def _setting(data: Mapping[str, Any], path: Path) -> tuple[str, str, int]:
+    config = data["config"]
+    if not isinstance(config, dict):
+        raise HarnessError("'config' is not a mapping", file=path, field="config")
+    for key in ("model", "dataset"):
+        if not isinstance(config.get(key), str):
+            raise HarnessError("result file lacks the run setting", file=path, field=f"config.{key}")
+    counts = data.get("counts") if isinstance(data.get("counts"), dict) else {}
+    n_edits = counts.get("cases", config.get("n_edits"))
+    if isinstance(n_edits, bool) or not isinstance(n_edits, int):
+        raise HarnessError("result file lacks the number of edits", file=path, field="counts.cases")
+    return canonical_model(config["model"]), config["dataset"], n_edits
+
+
+def _run_name(directory: Path, method_folder: Path) -> str:
+    return method_folder.parent.relative_to(directory).as_posix()
+
+
+def _from_seeds(directory: Path, folder: Path, files: list[tuple[Path, dict]]) -> RunResult:
+    settings = {_setting(data, path) for path, data in files}
+    if len(settings) > 1:
+        raise HarnessError("seeds of one method were run in different settings", file=folder, field="config")
+    per_seed = [metric_values(data, path) for path, data in files]
+    values, stds = {}, {}
+    for key in ALL_METRIC_KEYS:
+        column = [m[key] for m in per_seed]
+        values[key] = math.fsum(column) / len(column)
+        stds[key] = statistics.stdev(column) if len(column) > 1 else math.nan
+    first_path, first = files[0]
+    seeds = tuple(int(SEED_FOLDER.match(path.parent.name).group(1)) for path, _ in files)
+    hparams = _resolved_hparams(first_path.parent) or first.get("hparams")
+    model, dataset, n_edits = settings.pop()
+    return RunResult(
+        model,
+        dataset,
+        n_edits,
+        str(first["method"]),
+        values,
+        stds,
+        tuple(sorted(seeds)),
+        _run_name(directory, folder),
+        hparams if isinstance(hparams, dict) else {},
+    )
+
+
+def _resolved_hparams(seed_folder: Path) -> dict | None:
+    """The hparams as the editor resolved them (``artifact/config.json``; MeG), when the artifact is kept.
+
+    metrics.json records hparams as configured, which may be ``{base: FILE, <overrides>}``."""
+    config = seed_folder / ARTIFACT_CONFIG
+    if not config.is_file():
+        return None
+    data = read_json(config)
+    hparams = data.get("hparams") if isinstance(data, dict) else None
+    return hparams if isinstance(hparams, dict) else None
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _from_average(directory: Path, folder: Path, path: Path, data: dict) -> RunResult:
+    model, dataset, n_edits = _setting(data, path)
+    stds = {k: _number(data.get(f"{k}_std")) for k in ALL_METRIC_KEYS}
+    seeds = tuple(int(s) for s in data.get("seeds", [0]))
+    hparams = data.get("hparams") if isinstance(data.get("hparams"), dict) else {}
+    return RunResult(
+        model,
+        dataset,
+        n_edits,
+        str(data["method"]),
+        metric_values(data, path),
+        stds,
+        seeds,
+        _run_name(directory, folder),
+        hparams,
+    )

@@ -1,0 +1,264 @@
+"""`meg-harness tables`: the paper's tables and figures from synthetic result trees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from meg_harness.cli import main
+from meg_harness.errors import HarnessError
+from meg_harness.report.model_names import canonical_model
+from meg_harness.report.tables import write_tables
+
+KEYS = [
+    "reliability_ag",
+    "reliability_tf",
+    "generality_ag",
+    "generality_tf",
+    "locality_ag",
+    "locality_tf",
+    "score",
+]
+MEG_HPARAMS = {
+    "layer": 29,
+    "familiarity": {"enabled": True, "threshold": 0.1},
+    "generator": {"preset": "DiT-B"},
+}
+
+
+def _seed(root: Path, run: str, method: str, seed: int, values, **setting) -> Path:
+    """``root/run/method/seed<k>/metrics.json``; ``setting``: model, dataset, n_edits, hparams."""
+    model = setting.get("model", "smollm2-135m")
+    dataset = setting.get("dataset", "counterfact")
+    n_edits = setting.get("n_edits", 4)
+    folder = root / run / method / f"seed{seed}"
+    folder.mkdir(parents=True)
+    record = dict(zip(KEYS, values))
+    record.update(
+        method=method,
+        seed=seed,
+        config={"model": model, "dataset": dataset, "n_edits": n_edits, "methods": [method]},
+        counts={"cases": n_edits},
+        hparams=setting.get("hparams", {}),
+    )
+    (folder / "metrics.json").write_text(json.dumps(record))
+    return folder
+
+
+def _lm_eval(root: Path, name: str, model: str, model_args, results: dict) -> Path:
+    folder = root / "lm_eval" / name / "model"
+    folder.mkdir(parents=True)
+    path = folder / "results_2026-01-01T00-00-00.000000.json"
+    path.write_text(json.dumps({"results": results, "config": {"model": model, "model_args": model_args}}))
+    return path
+
+
+def _sweep(root: Path, model="smollm2-135m", dataset="counterfact") -> None:
+    folder = root / "sweeps" / dataset
+    folder.mkdir(parents=True)
+    rows = [
+        {"layer": layer, "reliability_ag": value} for layer, value in enumerate([50.0, 75.0, 100.0, 87.5])
+    ]
+    (folder / "layer_sweep.json").write_text(
+        json.dumps({"rows": rows, "meta": {"model": model, "dataset": dataset}})
+    )
+
+
+def _table_line(text: str, first_cell: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {first_cell} |"))
+
+
+def _full_tree(root: Path) -> None:
+    """Runs at two scales (variants included), a phi-2 run in a paper setting, lm-eval results, a sweep."""
+    for n_edits, shift in ((4, 0.0), (8, -10.0)):
+        run = f"cf/n{n_edits}"
+        _seed(root, run, "none", 0, [0, 2, 0, 3, 100, 100, 0], n_edits=n_edits)
+        _seed(root, run, "meg", 0, [90, 91, 50, 55, 80, 90, 60 + shift], n_edits=n_edits, hparams=MEG_HPARAMS)
+        _seed(root, run, "meg", 1, [94, 95, 54, 59, 84, 94, 64 + shift], n_edits=n_edits, hparams=MEG_HPARAMS)
+        _seed(root, run, "memit", 0, [70, 80, 30, 40, 20, 50, 35 + shift], n_edits=n_edits)
+    variant = {"base": "hparams/MEG/x.yaml", "familiarity": {"threshold": 0.3}}
+    _seed(root, "cf/n4", "meg@eps0.3", 0, [90, 91, 55, 60, 70, 85, 58], hparams=variant)
+    phi = {"model": "microsoft/phi-2", "dataset": "zsre", "n_edits": 1024}  # a setting of the paper (Table 9)
+    _seed(root, "phi", "meg", 0, [99, 99, 80, 87, 88, 95, 91], **phi, hparams=MEG_HPARAMS)
+    _seed(root, "phi", "memit", 0, [97, 98, 69, 84, 23, 69, 57], **phi)
+    no_fn = {"base": "hparams/MEG/phi-2.yaml", "familiarity": {"enabled": False}}
+    _seed(root, "phi", "meg@no-fn", 0, [99, 99, 83, 89, 53, 83, 81], **phi, hparams=no_fn)
+    _sweep(root)
+
+
+def test_editing_table_mean_std_best_and_no_paper_numbers_for_our_model(tmp_path):
+    _full_tree(tmp_path)
+    write_tables(tmp_path, tmp_path / "out")
+    text = (tmp_path / "out" / "editing_counterfact_smollm2-135m_n4.md").read_text()
+    assert "| Method | Rel AG | Rel TF | Gen AG | Gen TF | Loc AG | Loc TF | Score | Seeds |" in text
+    rows = [
+        line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    assert rows == ["Method", "none", "meg", "memit"]  # variants are not in the main table
+    meg = _table_line(text, "meg")
+    # seeds 0 and 1: mean of 90 and 94, sample std sqrt(8) = 2.83
+    assert "**92.00 ± 2.83**" in meg and "**62.00 ± 2.83**" in meg and meg.endswith("| 2 |")
+    assert "70.00" in _table_line(text, "memit") and "**" not in _table_line(text, "none")
+    assert "| ↳ paper" not in text and "publishes no numbers" in text
+
+
+def test_paper_numbers_beside_ours_in_a_matching_setting(tmp_path):
+    _full_tree(tmp_path)
+    write_tables(tmp_path, tmp_path / "out")
+    text = (tmp_path / "out" / "editing_zsre_phi-2_n1024.md").read_text()  # microsoft/phi-2 -> phi-2
+    assert "Layout of the paper's Table 9" in text
+    lines = text.splitlines()
+    memit = lines.index(_table_line(text, "memit"))
+    assert lines[memit + 1].startswith("| ↳ paper (Table 9) | *96.97* | *98.25* | *69.34* |")
+    assert lines[memit + 1].endswith("| *57.95* | – |")
+    ablation = (tmp_path / "out" / "ablation_meg_zsre_phi-2_n1024.md").read_text()
+    assert "| meg@no-fn | familiarity.enabled=false |" in ablation
+    assert "| ↳ paper (Table 5: w/o FN) | familiarity.enabled=false | *99.71*" in ablation
+    assert "↳ paper (Table 16: threshold 0.1)" in ablation  # the reference's threshold is 0.1
+    assert "Table 15" not in ablation  # augment.enabled is not among the reference's hparams
+
+
+def test_ablation_table_and_threshold_figure_of_our_model(tmp_path):
+    _full_tree(tmp_path)
+    write_tables(tmp_path, tmp_path / "out")
+    text = (tmp_path / "out" / "ablation_meg_counterfact_smollm2-135m_n4.md").read_text()
+    assert "| meg | (reference) |" in text
+    assert "| meg@eps0.3 | familiarity.threshold=0.3 |" in text
+    assert "| ↳ paper" not in text
+    png = (tmp_path / "out" / "threshold_counterfact_smollm2-135m_n4.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_figures_of_scale_and_layers(tmp_path):
+    _full_tree(tmp_path)
+    written = {p.name for p in write_tables(tmp_path, tmp_path / "out")}
+    assert {"score_vs_scale_counterfact_smollm2-135m.png", "reliability_vs_layer_smollm2-135m.png"} <= written
+    assert "score_vs_scale_zsre_phi-2.png" not in written  # one scale only
+
+
+def test_general_mquake_and_unke_tables_from_lm_eval_results(tmp_path):
+    artifact = _seed(tmp_path, "phi10k", "meg", 0, [95] * 7, model="phi-2", dataset="zsre", n_edits=10000)
+    (artifact / "artifact").mkdir()
+    unedited = {"bbh_meg": {"exact_match,none": 0.4}, "mmlu_meg": {"acc,none": 0.5, "acc_stderr,none": 0.01}}
+    _lm_eval(tmp_path, "base", "hf", "pretrained=microsoft/phi-2", unedited)
+    edited = {
+        "bbh_meg": {"exact_match,none": 0.45},
+        "mmlu_meg": {"acc,none": 0.25},
+        "mquake_ke": {"edit_wise,none": 0.9, "instance_wise,none": 0.8, "multi_hop,none": 0.3},
+        "unke_ke": {"reliability_rougeL,none": 0.7, "reliability_similarity,none": 0.9},
+    }
+    meg_args = {"pretrained": "microsoft/phi-2", "meg_path": str(artifact / "artifact")}
+    _lm_eval(tmp_path, "meg", "meg", meg_args, edited)
+    write_tables(tmp_path, tmp_path / "out")
+    general = (tmp_path / "out" / "general_phi-2.md").read_text()
+    assert "| Task | Before Edit | meg |" in general
+    assert "| BBH | 40.00 | **45.00** |" in general and "| MMLU | 50.00 | **25.00** |" in general
+    assert "| ↳ paper (Table 3) | *40.58* | *40.67* |" in general  # Phi-2, 10000 ZsRE edits: a paper setting
+    assert "| GSM8K | – | – |" in general
+    mquake = (tmp_path / "out" / "mquake.md").read_text()
+    assert "| meg | zsre, 10000 edits | 90.00 | 80.00 | 30.00 | 1 |" in mquake
+    assert "| ↳ paper" not in mquake  # the paper's Table 18 is 1024 MQuAKE edits
+    unke = (tmp_path / "out" / "unke.md").read_text()
+    assert "FT_ACC (paper's measure)" in unke and "| 70.00 | 90.00 | – | – | – |" in unke
+
+
+def test_regeneration_is_byte_identical_and_free_of_paths(tmp_path):
+    _full_tree(tmp_path / "results")
+    out = tmp_path / "results" / "tables"  # the default output folder, inside the scanned one
+    first = write_tables(tmp_path / "results")
+    assert first[-1] == out / "index.md"
+    snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert any(name.endswith(".png") for name in snapshot)
+    write_tables(tmp_path / "results")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+    elsewhere = tmp_path / "elsewhere"
+    write_tables(tmp_path / "results", elsewhere)
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir()} == snapshot
+    for name, content in snapshot.items():
+        if name.endswith(".md"):
+            assert str(tmp_path) not in content.decode()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_skipped_tables_are_listed_and_stale_files_removed(tmp_path):
+    _seed(tmp_path, "run", "meg", 0, [90, 90, 50, 50, 80, 80, 70])
+    _seed(
+        tmp_path,
+        "run",
+        "meg@no-fn",
+        0,
+        [90, 90, 50, 50, 20, 60, 50],
+        hparams={"familiarity": {"enabled": False}},
+    )
+    write_tables(tmp_path, tmp_path / "out")
+    assert (tmp_path / "out" / "ablation_meg_counterfact_smollm2-135m_n4.md").is_file()
+    index = (tmp_path / "out" / "index.md").read_text()
+    for skipped in ("Table 3 (", "Table 17 (", "Table 18 (", "Table 19 (", "Figures 3-4 (", "Figures 5-7 ("):
+        assert f"- {skipped}" in index.split("## Skipped")[1]
+    assert "Tables 4-8" not in index.split("## Skipped")[1]
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "meg@no-fn")
+    write_tables(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out" / "ablation_meg_counterfact_smollm2-135m_n4.md").exists()
+    assert "- Tables 4-8" in (tmp_path / "out" / "index.md").read_text()
+
+
+def test_bad_metrics_file_names_file_and_field(tmp_path):
+    _seed(tmp_path, "run", "meg", 0, [90, 90, 50, 50, 80, 80, 70])
+    bad = _seed(tmp_path, "run", "memit", 0, [90, 90, 50, 50, 80])  # no locality_tf, no score
+    with pytest.raises(HarnessError) as error:
+        write_tables(tmp_path, tmp_path / "out")
+    assert str(bad / "metrics.json") in str(error.value) and "field 'locality_tf'" in str(error.value)
+    (bad / "metrics.json").write_text("{not json")
+    with pytest.raises(HarnessError, match="unreadable result file"):
+        write_tables(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written when an input is bad
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("{not json", "unreadable result file"),
+        (json.dumps({"results": {}, "config": {}}), "field 'config.model'"),
+    ],
+)
+def test_cli_exits_2_with_one_line(tmp_path, capsys, content, needle):
+    _seed(tmp_path, "run", "meg", 0, [90, 90, 50, 50, 80, 80, 70])
+    path = tmp_path / "lm" / "results_x.json"
+    path.parent.mkdir()
+    path.write_text(content)
+    code = main(["tables", str(tmp_path), "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1 and captured.err.startswith("meg-harness: error: ")
+    assert str(path) in captured.err and needle in captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_prints_files_written(tmp_path, capsys):
+    _seed(tmp_path, "run", "meg", 0, [90, 90, 50, 50, 80, 80, 70])
+    assert main(["tables", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    tables = tmp_path / "tables"
+    assert printed == [str(tables / "editing_counterfact_smollm2-135m_n4.md"), str(tables / "index.md")]
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    with pytest.raises(HarnessError, match="no results found"):
+        write_tables(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("microsoft/phi-2", "phi-2"),
+        ("/models/gpt-j-6B", "gpt-j-6b"),
+        ("Phi-2", "phi-2"),
+        ("/tmp/x/tiny", "tiny"),
+    ],
+)
+def test_canonical_model_names(name, expected):
+    assert canonical_model(name) == expected
