@@ -132,6 +132,38 @@ def test_adding_a_labelled_variant_reuses_finished_results(run_config, tmp_path,
     assert "changed: hparams" in capsys.readouterr().err
 
 
+def test_kill9_of_a_multi_method_run_then_restart_recomputes_nothing_finished(run_config, tmp_path):
+    """Issue 8 d: ``kill -9`` part-way through a multi-method run; the rerun keeps every finished
+    method/seed (byte-identical, not rewritten) and completes the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    methods = [f"none@{i}" for i in range(6)]
+    config = run_config(methods=methods, hparams={m: {"note": m} for m in methods})
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "meg_harness.cli", "run", str(config), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("*/seed*/metrics.json"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    finished = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*/seed*/metrics.json")}
+    assert 2 <= len(finished) < len(methods) * 2, "killed part-way"
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    assert rerun.stdout.count("already done") == len(finished)
+    for path, (stamp, content) in finished.items():
+        assert path.stat().st_mtime_ns == stamp and path.read_bytes() == content
+    assert len(list(out.glob("*/seed*/metrics.json"))) == len(methods) * 2
+    assert not list(out.rglob("*.tmp")), "no temporary folders left behind"
+
+
 def test_a_run_that_adds_methods_records_the_earlier_ones(run_config, tmp_path):
     out = tmp_path / "out"
     first = run_config(seeds=[0], methods=["none@a"], hparams={"none@a": {"note": "a"}})
