@@ -378,7 +378,7 @@ def test_time_budget_stops_training_and_the_next_call_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_delta_artifact_roundtrip_is_bit_exact(arch, tmp_path):
+def test_delta_artifact_roundtrip_is_bit_exact(arch, tmp_path, capsys):
     model, tok = deep_model(arch)
     before = snapshot(model)
     # training facts from a file (CounterFact format), as a run config would give them
@@ -398,8 +398,11 @@ def test_delta_artifact_roundtrip_is_bit_exact(arch, tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(records))
     train = dict(train_dataset="counterfact", train_path=str(tmp_path / "train.json"), n_epochs=1)
     instance = editor(tmp_path / "cache", cases=None, **train)
+    instance.progress = True
     edited = instance.fit(model, tok, HELD_OUT[:4], TEMPLATE)
     assert edited.info["meta_steps"] == 2 and edited.info["train_facts"] == 16
+    assert edited.info["meta_train_s"] > 0
+    assert "2 of 2 steps" in capsys.readouterr().err  # training time and peak memory are printed
     after = snapshot(model)
     assert not identical(model, before)
     instance.save(edited, tmp_path / "artifact")

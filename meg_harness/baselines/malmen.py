@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from meg_harness.baselines.delta import DeltaEdited, WeightDelta, load_delta_artifact, save_delta_artifact
 from meg_harness.baselines.locate import resolve_layers
@@ -40,6 +41,7 @@ from meg_harness.errors import HarnessError
 from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.models.adapters import get_adapter
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.provenance import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,12 @@ class MALMEN(Editor):
             progress=self.progress,
             fingerprint=fingerprint,
         )
+        if self.progress:
+            tqdm.write(
+                f"MALMEN meta-training: {result.state['step']} of {result.state['total_steps']} steps, "
+                f"{result.state.get('elapsed_s', 0.0):.0f} s of training in all; "
+                f"peak memory of this process {peak_rss_mb():.0f} MiB"
+            )
         if not result.state.get("done"):
             log.warning(
                 "MALMEN edits with a partly trained hypernetwork (step %d of %d)",
@@ -153,6 +161,7 @@ class MALMEN(Editor):
             "meta_steps": trained.state["step"],
             "meta_total_steps": trained.state["total_steps"],
             "meta_done": bool(trained.state.get("done")),
+            "meta_train_s": trained.state.get("elapsed_s"),
             "meta_last": history[-1] if history else None,
             "hypernet_key": trained.state.get("key"),
             "lambda": [math.exp(net.log_lambda(i).item()) for i in range(len(modules))],
