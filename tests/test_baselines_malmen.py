@@ -402,7 +402,7 @@ def test_delta_artifact_roundtrip_is_bit_exact(arch, tmp_path, capsys):
     edited = instance.fit(model, tok, HELD_OUT[:4], TEMPLATE)
     assert edited.info["meta_steps"] == 2 and edited.info["train_facts"] == 16
     assert edited.info["meta_train_s"] > 0
-    assert "2 of 2 steps" in capsys.readouterr().err  # training time and peak memory are printed
+    assert "2 of 2 steps" in capsys.readouterr().out  # training time and peak memory are printed
     after = snapshot(model)
     assert not identical(model, before)
     instance.save(edited, tmp_path / "artifact")
