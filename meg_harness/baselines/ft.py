@@ -24,7 +24,7 @@ from meg_harness.baselines.delta import DeltaEdited, WeightDelta, load_delta_art
 from meg_harness.baselines.locate import resolve_layers
 from meg_harness.baselines.nethook import frozen, model_device
 from meg_harness.baselines.params import from_mapping
-from meg_harness.baselines.plan import pad_id, pad_rows
+from meg_harness.baselines.plan import pad_id
 from meg_harness.data.edit_case import EditCase
 from meg_harness.editing.base import Edited, Editor
 from meg_harness.editing.registry import register_method
@@ -32,7 +32,7 @@ from meg_harness.errors import HarnessError
 from meg_harness.evaluate.evaluator import encode_query, encode_target
 from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.models.adapters import get_adapter
-from meg_harness.models.layer_cache import LayerCachedLM, right_pad
+from meg_harness.models.layer_cache import LayerCachedLM, right_pad, right_pad_ids
 from meg_harness.models.loading import model_fingerprint
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -76,7 +76,7 @@ def _examples(tokenizer, cases: Sequence[EditCase], template: QueryTemplate) -> 
 def target_nll(model: nn.Module, tokenizer, examples: Sequence[tuple[tuple, int]]) -> torch.Tensor:
     """Mean NLL of the target tokens of each example ``[n]`` (differentiable)."""
     device = model_device(model)
-    ids, mask = pad_rows([e[0] for e in examples], pad_id(tokenizer), device)
+    ids, mask = right_pad_ids([e[0] for e in examples], pad_id(tokenizer), device)
     logits = model(input_ids=ids, attention_mask=mask).logits
     losses = []
     for row, (seq, q) in enumerate(examples):
@@ -97,7 +97,7 @@ def _target_index(examples: Sequence[tuple[tuple, int]], device) -> tuple[torch.
 
 
 def _layer_cache_agrees(lm: LayerCachedLM, tokenizer, examples: Sequence[tuple[tuple, int]]) -> bool:
-    ids, mask = pad_rows([seq for seq, _ in examples], pad_id(tokenizer), model_device(lm.model))
+    ids, mask = right_pad_ids([seq for seq, _ in examples], pad_id(tokenizer), model_device(lm.model))
     rows, positions, _ = _target_index(examples, ids.device)
     return lm.agrees_with_full_forward(ids, mask, rows, positions)
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from meg_harness.baselines.nethook import Trace, model_device
-from meg_harness.baselines.plan import EditPlan, Row, pad_id, pad_rows
+from meg_harness.baselines.plan import EditPlan, Row, pad_id
+from meg_harness.models.layer_cache import right_pad_ids
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def gather(
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        ids, mask = pad_rows([r.ids for r in chunk], pad_id(tokenizer), device)
+        ids, mask = right_pad_ids([r.ids for r in chunk], pad_id(tokenizer), device)
         with Trace(
             model, [module], retain_input=side == "input", retain_output=side == "output", stop_after=module
         ) as trace:

@@ -39,12 +39,13 @@ from tqdm.auto import tqdm
 
 from meg_harness.baselines.malmen_net import MalmenHypernet, ridge_update
 from meg_harness.baselines.nethook import frozen, model_device
-from meg_harness.baselines.plan import pad_id, pad_rows
+from meg_harness.baselines.plan import pad_id
 from meg_harness.cache import atomic_write_text, content_hash
 from meg_harness.data.edit_case import EditCase
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.evaluator import encode_query, encode_target
 from meg_harness.evaluate.templates import QueryTemplate
+from meg_harness.models.layer_cache import right_pad_ids
 from meg_harness.models.loading import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ class _Rows:
 
 
 def _rows(examples: Sequence[Example], pad: int, device: torch.device, token: str = "ans") -> _Rows:
-    ids, mask = pad_rows([e.ids for e in examples], pad, device)
+    ids, mask = right_pad_ids([e.ids for e in examples], pad, device)
     lr, lp, li, le = [], [], [], []
     for i, e in enumerate(examples):
         for j in range(e.n_pred):

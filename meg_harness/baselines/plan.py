@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from meg_harness.data.edit_case import EditCase
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.evaluator import encode_target
@@ -100,19 +98,6 @@ def build_plans(
         kl = subject_row(tokenizer, kl_text, kl_prompt.index("{}") + len(case.subject))
         plans.append(EditPlan(case.case_id, tuple(contexts), target, kl))
     return plans
-
-
-def pad_rows(
-    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask`` (positions are unaffected by right padding)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def pad_id(tokenizer) -> int:

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 from meg_harness.baselines.corpus import corpus_id, iter_corpus
 from meg_harness.baselines.nethook import Trace, model_device
 from meg_harness.baselines.params import StatsHParams
-from meg_harness.baselines.plan import pad_id, pad_rows
+from meg_harness.baselines.plan import pad_id
 from meg_harness.cache import content_hash, default_cache_dir
 from meg_harness.errors import HarnessError
 from meg_harness.models.adapters import get_adapter
+from meg_harness.models.layer_cache import right_pad_ids
 from meg_harness.models.loading import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def _accumulate(model, tokenizer, modules: dict[int, str], hp: StatsHParams, sta
             log.warning("corpus %s has only %d samples (%d asked)", hp.mom2_dataset, seen, hp.mom2_n_samples)
             break
         encoded = [tokenizer(t, truncation=True, max_length=hp.mom2_max_length)["input_ids"] for t in texts]
-        ids, mask = pad_rows(encoded, pad_id(tokenizer), device)
+        ids, mask = right_pad_ids(encoded, pad_id(tokenizer), device)
         with Trace(model, list(modules.values()), retain_input=True, stop_after=deepest) as trace:
             model(input_ids=ids, attention_mask=mask)
         keep = mask.bool()

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from meg_harness.baselines.nethook import Trace, model_device
 from meg_harness.baselines.params import LocateHParams
-from meg_harness.baselines.plan import EditPlan, pad_id, pad_rows
-from meg_harness.models.layer_cache import LayerCachedLM
+from meg_harness.baselines.plan import EditPlan, pad_id
+from meg_harness.models.layer_cache import LayerCachedLM, right_pad_ids
 
 
 @dataclass
@@ -109,7 +109,7 @@ def _batch(plans: Sequence[EditPlan], pad: int, device: torch.device) -> _Batch:
                 lrow.append(r), lpos.append(len(row.ids) - 1 + j), lid.append(token)
         seqs.append(plan.kl.ids)
         edit.append(e), look.append(plan.kl.index), is_kl.append(True)
-    ids, mask = pad_rows(seqs, pad, device)
+    ids, mask = right_pad_ids(seqs, pad, device)
 
     def t(values, dtype=torch.long):
         return torch.tensor(values, dtype=dtype, device=device)

@@ -50,7 +50,7 @@ from meg_harness.evaluate.scoring import Probe, greedy_answers
 from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.meg.neuron import DynamicNeuron, NeuronBatch, NeuronEdited, NeuronTuple
 from meg_harness.models.adapters import ArchitectureAdapter, get_adapter
-from meg_harness.models.layer_cache import LayerCachedLM
+from meg_harness.models.layer_cache import LayerCachedLM, right_pad_ids
 from meg_harness.models.loading import model_fingerprint
 from meg_harness.settings import require_non_negative, require_positive_ints, settings_from_mapping
 
@@ -203,17 +203,6 @@ def init_neuron(
 # -- forwards ---------------------------------------------------------------------------------------
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[b, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
 # -- optimisation -----------------------------------------------------------------------------------
 
 
@@ -271,7 +260,7 @@ class _Collector:
         return _Row(index, edit, params, opt_cls(groups, lr=self.hp.lr))
 
     def cache_inputs(self, rows: Sequence[_Row]) -> None:
-        ids, mask = _pad([r.edit.input_ids for r in rows], self.pad_id, self.device)
+        ids, mask = right_pad_ids([r.edit.input_ids for r in rows], self.pad_id, self.device)
         states = self.lm.layer_inputs(ids, mask)
         for b, row in enumerate(rows):
             row.layer_input = states[b, : len(row.edit.input_ids)].clone()
@@ -294,7 +283,7 @@ class _Collector:
         )
 
     def _logits(self, rows: Sequence[_Row], b_idx: torch.Tensor, p_idx: torch.Tensor, layer_cached: bool):
-        ids, mask = _pad([r.edit.input_ids for r in rows], self.pad_id, self.device)
+        ids, mask = right_pad_ids([r.edit.input_ids for r in rows], self.pad_id, self.device)
         if not layer_cached:
             return self.lm.full_logits(ids, mask, b_idx, p_idx)
         width = ids.shape[1]
@@ -304,7 +293,7 @@ class _Collector:
     def _verify(self, rows: Sequence[_Row], b_idx: torch.Tensor, p_idx: torch.Tensor) -> None:
         """Once per run: the layer-cached logits must match a full forward, else use full forwards."""
         self.verified = True
-        ids, mask = _pad([r.edit.input_ids for r in rows], self.pad_id, self.device)
+        ids, mask = right_pad_ids([r.edit.input_ids for r in rows], self.pad_id, self.device)
         with self.neuron.attach(NeuronBatch.stack([r.neuron() for r in rows])):
             self.layer_cached = self.lm.agrees_with_full_forward(ids, mask, b_idx, p_idx)
 

@@ -67,13 +67,8 @@ class LayerCachedLM:
         states: list[torch.Tensor] = []
         for start in range(0, len(sequences), batch_size):
             chunk = sequences[start : start + batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, s in enumerate(chunk):
-                ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-                mask[i, : len(s)] = 1
-            hidden = self.layer_inputs(ids.to(device), mask.to(device))
+            ids, mask = right_pad_ids(chunk, pad_id, device)
+            hidden = self.layer_inputs(ids, mask)
             states += [hidden[i, : len(s)] for i, s in enumerate(chunk)]
         return states
 
@@ -161,3 +156,16 @@ def right_pad(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         padded[i, : len(s)] = s
         mask[i, : len(s)] = 1
     return padded, mask
+
+
+def right_pad_ids(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` (positions are unaffected by right padding)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
