@@ -374,6 +374,21 @@ def test_time_budget_stops_training_and_the_next_call_resumes(tmp_path):
     assert [h["step"] for h in rest.state["history"]] == list(range(1, 9))
 
 
+def test_time_budget_never_starts_a_step_that_would_end_past_it(tmp_path, monkeypatch):
+    """Steps of 60 s (a fake clock), a 150 s budget: two steps (120 s), not a third ending at 180 s."""
+    clock = [0.0]
+    monkeypatch.setattr(malmen_train.time, "monotonic", lambda: clock[0])
+
+    def one_minute_step(*args, **kwargs):
+        clock[0] += 60.0
+        return {"gen_loss": 1.0, "loc_loss": 0.0}
+
+    monkeypatch.setattr(malmen_train, "meta_step", one_minute_step)
+    model, tok = deep_model("gpt2")
+    result = _train(model, tok, tmp_path, max_minutes=2.5)
+    assert result.state["step"] == 2 and result.state["elapsed_s"] == 120.0
+
+
 # -- the editor ---------------------------------------------------------------------------------------------
 
 

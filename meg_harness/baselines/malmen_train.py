@@ -77,7 +77,8 @@ class MalmenHParams:
     train_n_edits: int = 512  # training facts per meta-training step
     n_epochs: int = 1
     max_steps: int | None = None  # step budget (None: n_epochs over the training data)
-    max_minutes: float | None = None  # total meta-training time, summed over resumed calls
+    max_minutes: float | None = None  # total meta-training time, summed over resumed calls; a step that
+    # would end past it (at this call's mean step time) is not started
     checkpoint_every: int = 20  # steps between checkpoints
     train_dataset: str = "zsre"
     train_path: str | None = None  # required: training facts disjoint from the evaluated edits
@@ -604,8 +605,8 @@ def meta_train(
             total,
         )
         return TrainResult(net, state, folder)
-    started = time.monotonic()
-    last_saved = state["step"]
+    started = call_started = time.monotonic()
+    last_saved = first_step = state["step"]
     bar = tqdm(total=total, initial=state["step"], desc="MALMEN meta-training", disable=not progress)
     try:
         with frozen(model):
@@ -618,7 +619,8 @@ def meta_train(
                 bar.update(1)
                 bar.set_postfix(gen=f"{stats['gen_loss']:.3f}", loc=f"{stats['loc_loss']:.3f}")
                 spent = state.get("elapsed_s", 0.0) + time.monotonic() - started
-                over_time = budget_s is not None and spent > budget_s
+                step_s = (time.monotonic() - call_started) / (state["step"] - first_step)
+                over_time = budget_s is not None and spent + step_s > budget_s  # the next step would overrun
                 if state["step"] - last_saved >= hp.checkpoint_every or state["step"] == total or over_time:
                     state["done"] = state["step"] >= total
                     state["elapsed_s"] = state.get("elapsed_s", 0.0) + time.monotonic() - started
