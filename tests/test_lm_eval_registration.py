@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -78,12 +79,19 @@ def test_lm_eval_cli(tiny_model_dir, tmp_path):
         assert 0.0 <= results["sst2_meg_local"]["acc,none"] <= 1.0
 
 
+LAUNCHERS = {
+    "torchrun": ["torchrun", "--nproc_per_node", "2"],
+    "accelerate": ["accelerate", "launch", "--multi_gpu", "--num_processes", "2"],  # GPUs hidden below
+}
+
+
 @pytest.mark.slow
-def test_torchrun_data_parallel_on_cpu(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_data_parallel_on_cpu(launcher, tiny_model_dir, tmp_path):
     """Two gloo processes split the documents and give the single-process numbers (about a minute)."""
-    torchrun = shutil.which("torchrun")
-    if torchrun is None or not PTH.is_file():
-        pytest.skip("torchrun or the installed .pth hook is missing")
+    executable = shutil.which(LAUNCHERS[launcher][0])
+    if executable is None or not PTH.is_file():
+        pytest.skip(f"{launcher} or the installed .pth hook is missing")
     from dataclasses import replace
 
     from meg_harness.data import load_cases
@@ -104,13 +112,14 @@ def test_torchrun_data_parallel_on_cpu(tiny_model_dir, tmp_path):
     write_cases_file(tmp_path / "cases.json", "counterfact", cases, template, labels)
     native, _ = evaluator.evaluate(Edited(model, tokenizer), cases, labels)
     command = [
-        torchrun, "--nproc_per_node", "2", "-m", "lm_eval",
+        executable, *LAUNCHERS[launcher][1:], "-m", "lm_eval",
         "--model", "edited", "--model_args", f"pretrained={tiny_model_dir('llama')}",
         "--tasks", "counterfact_ke", "--include_path", str(TASKS_PATH),
         "--metadata", f"cases={tmp_path / 'cases.json'}",
         "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out"),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on rank 1" in done.stderr
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
