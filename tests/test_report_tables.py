@@ -9,18 +9,11 @@ import pytest
 
 from meg_harness.cli import main
 from meg_harness.errors import HarnessError
+from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
 from meg_harness.report.model_names import canonical_model
 from meg_harness.report.tables import write_tables
 
-KEYS = [
-    "reliability_ag",
-    "reliability_tf",
-    "generality_ag",
-    "generality_tf",
-    "locality_ag",
-    "locality_tf",
-    "score",
-]
+KEYS = list(ALL_METRIC_KEYS)
 MEG_HPARAMS = {
     "layer": 29,
     "familiarity": {"enabled": True, "threshold": 0.1},
