@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from meg_harness.errors import HarnessError
+from meg_harness.settings import read_hparams_file, with_base
 
 DATASETS = ("zsre", "counterfact", "mquake", "unke")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -170,22 +171,19 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def load_hparams(value: Any, method: str, source: str) -> dict[str, Any]:
-    """A method's hyper-parameters: an inline mapping or the path of an EasyEdit-style YAML."""
+    """A method's hyper-parameters: an inline mapping or the path of an EasyEdit-style YAML; either may
+    name a ``base:`` hparams file it extends (``memit@x: {base: hparams/MEMIT/m.yaml, v_lr: 1.0}``)."""
     if value is None:
         return {}
+    where = {"file": source, "field": f"hparams.{method}"}
     if isinstance(value, dict):
-        return dict(value)
+        try:
+            return with_base(value)
+        except HarnessError as error:
+            raise HarnessError(error.reason, file=error.file or source, field=f"hparams.{method}") from None
     if not isinstance(value, str):
-        raise HarnessError("expected a YAML path or a mapping", file=source, field=f"hparams.{method}")
-    path = Path(value)
+        raise HarnessError("expected a YAML path or a mapping", **where)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise HarnessError(
-            f"cannot read hparams file: {error.strerror}", file=path, field=f"hparams.{method}"
-        ) from None
-    except yaml.YAMLError:
-        raise HarnessError("not valid YAML", file=path, field=f"hparams.{method}") from None
-    if not isinstance(data, dict):
-        raise HarnessError("an hparams file must be a YAML mapping", file=path, field=f"hparams.{method}")
-    return data
+        return read_hparams_file(value)
+    except HarnessError as error:
+        raise HarnessError(error.reason, file=error.file or value, field=f"hparams.{method}") from None

@@ -65,6 +65,8 @@ def run_experiment(
     # unknown method: fail before work; "meg@no-fn" is a labelled variant of "meg" (own hparams and folder)
     editor_classes = {m: get_editor_class(m.partition("@")[0]) for m in config.methods}
     hparams = {m: load_hparams(config.hparams.get(m), m, config_source) for m in config.methods}
+    for method in config.methods:  # bad hparams fail now, not after the methods before them have run
+        _check_hparams(editor_classes[method], hparams[method], method, config_source)
     all_cases = load_cases(
         config.dataset, config.data_path, zsre_target=config.zsre_target, cache_dir=config.cache_dir
     )
@@ -135,6 +137,16 @@ def run_experiment(
     for method in config.methods:
         summary[method] = _aggregate(out / method, config.seeds)
     return summary
+
+
+def _check_hparams(editor_class: type, hparams: dict, method: str, config_source: str) -> None:
+    """Build the editor once: a bad value is an error naming the run config and ``hparams.<method>.<key>``."""
+    try:
+        editor_class(hparams)
+    except HarnessError as error:
+        key = (error.field or "").removeprefix("hparams.")
+        field = f"hparams.{method}" + (f".{key}" if key else "")
+        raise HarnessError(error.reason, file=error.file or config_source, field=field) from None
 
 
 def run_cases(run_dir: Path, seed: int) -> list[EditCase]:

@@ -1,9 +1,13 @@
-"""Settings dataclasses from mappings (a YAML section), with one-line errors naming the bad field."""
+"""Settings dataclasses from mappings (a YAML section), with one-line errors naming the bad field, and
+hparams YAML files that extend another (``base: PATH``)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from meg_harness.errors import HarnessError
@@ -42,3 +46,46 @@ def require_non_negative(settings: Any, names: Iterable[str]) -> None:
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise HarnessError(f"must be a non-negative number, got {value!r}", field=name)
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` applied; nested mappings merge key by key."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def with_base(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """``mapping`` on top of the hparams file its ``base:`` names (chains resolved); as is without one.
+
+    This is how a run config states a variant: ``pmet@c3: {base: hparams/PMET/x.yaml, clamp_norm_factor: 3}``.
+    """
+    values = dict(mapping)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, (str, os.PathLike)):
+        raise HarnessError(f"base must be the path of an hparams YAML, got {base!r}", field="base")
+    return deep_merge(read_hparams_file(base), values)
+
+
+def read_hparams_file(path: str | os.PathLike) -> dict[str, Any]:
+    """An hparams YAML file's mapping, ``base:`` chains resolved (relative paths: the working directory)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise HarnessError(f"cannot read hparams: {error.strerror}", file=path) from None
+    except yaml.YAMLError:
+        raise HarnessError("not valid YAML", file=path) from None
+    if not isinstance(data, dict):
+        raise HarnessError("an hparams file must be a YAML mapping", file=path)
+    try:
+        return with_base(data)
+    except HarnessError as error:
+        raise HarnessError(error.reason, file=error.file or path, field=error.field) from None

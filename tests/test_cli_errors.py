@@ -146,6 +146,24 @@ def test_missing_hparams_file(capsys, tmp_path):
     _run_expect_error(capsys, tmp_path, config, "h.yaml", "hparams.none")
 
 
+def test_bad_hparam_of_a_later_method_fails_before_any_method_runs(capsys, tmp_path):
+    base = tmp_path / "memit.yaml"
+    base.write_text("alg_name: MEMIT\nlayers: [1]\nv_lr: 0.5\n")
+    config = _write_config(
+        tmp_path,
+        methods=["none", "memit@x"],
+        hparams={"memit@x": {"base": str(base), "v_lrr": 1.0}},
+    )
+    _run_expect_error(capsys, tmp_path, config, "run.yaml", "hparams.memit@x.v_lrr")
+
+
+def test_missing_base_hparams_file(capsys, tmp_path):
+    config = _write_config(
+        tmp_path, methods=["memit@x"], hparams={"memit@x": {"base": str(tmp_path / "gone.yaml")}}
+    )
+    _run_expect_error(capsys, tmp_path, config, "gone.yaml", "hparams.memit@x")
+
+
 def test_too_many_edits(capsys, tmp_path):
     data = _write_data(tmp_path, [_rome_record(0), _rome_record(1)])
     config = _write_config(tmp_path, data_path=str(data), n_edits=5)

@@ -229,3 +229,20 @@ def test_make_tiny_model_and_tasks_path(tmp_path, capsys):
     capsys.readouterr()
     assert main(["tasks-path"]) == 0
     assert Path(capsys.readouterr().out.strip()).is_dir()
+
+
+def test_a_variant_of_any_method_extends_a_base_hparams_file(tmp_path):
+    from meg_harness.config import load_hparams
+
+    base = tmp_path / "memit.yaml"
+    base.write_text("alg_name: MEMIT\nlayers: [1, 2]\nv_lr: 0.5\nkl_factor: 0.0625\n")
+    child = tmp_path / "child.yaml"  # a file may itself extend another
+    child.write_text(f"base: {base}\nkl_factor: 1.0\n")
+    inline = load_hparams({"base": str(child), "v_lr": 0.2}, "memit@x", "run.yaml")
+    assert inline == {"alg_name": "MEMIT", "layers": [1, 2], "v_lr": 0.2, "kl_factor": 1.0}
+    assert load_hparams(str(child), "memit", "run.yaml") == {
+        "alg_name": "MEMIT",
+        "layers": [1, 2],
+        "v_lr": 0.5,
+        "kl_factor": 1.0,
+    }

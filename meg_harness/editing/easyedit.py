@@ -38,6 +38,7 @@ from meg_harness.editing.base import Edited
 from meg_harness.editing.registry import get_editor_class, list_methods
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.templates import QueryTemplate, get_template
+from meg_harness.settings import read_hparams_file
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class HyperParams:
     @classmethod
     def from_hparams(cls, path: str | os.PathLike) -> HyperParams:
         """Read an EasyEdit-style ``.yaml``/``.yml``/``.json`` file (``.yaml`` is appended when the path has
-        no suffix and does not exist); MeG files may name a ``base:`` file they extend."""
+        no suffix and does not exist); a file may name a ``base:`` file it extends."""
         import yaml
 
         path = Path(path)
@@ -94,10 +95,8 @@ class HyperParams:
             raise HarnessError("not valid YAML/JSON", file=path) from None
         if not isinstance(data, dict):
             raise HarnessError("an hparams file must be a mapping", file=path)
-        if "base" in data and str(data.get("alg_name", "")).lower() == "meg":
-            from meg_harness.meg.hparams import MEGHyperParams
-
-            data = MEGHyperParams.load_mapping(path)
+        if "base" in data:
+            data = read_hparams_file(path)
         return cls.from_dict(data, source=path)
 
     @classmethod

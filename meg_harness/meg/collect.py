@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = "meg-neurons/v1"
 OPTIMIZERS = ("adam", "sgd")
 METADATA_KEYS = ("alg_name", "model_name")
+VERIFY_ROWS = 4  # rows of the first batch checked against a full forward (padding included when > 1)
 
 
 @dataclass(frozen=True)
@@ -290,17 +291,20 @@ class _Collector:
         states = torch.stack([F.pad(r.layer_input, (0, 0, 0, width - r.layer_input.shape[0])) for r in rows])
         return self.lm.logits(states, mask, b_idx, p_idx)
 
-    def _verify(self, rows: Sequence[_Row], b_idx: torch.Tensor, p_idx: torch.Tensor) -> None:
-        """Once per run: the layer-cached logits must match a full forward, else use full forwards."""
+    def _verify(self, rows: Sequence[_Row]) -> None:
+        """Once per run, on the first few rows: the layer-cached logits must match a full forward, else use
+        full forwards."""
         self.verified = True
+        rows = rows[:VERIFY_ROWS]
+        b_idx, p_idx, _, _ = self._answer_index(rows)
         ids, mask = right_pad_ids([r.edit.input_ids for r in rows], self.pad_id, self.device)
         with self.neuron.attach(NeuronBatch.stack([r.neuron() for r in rows])):
             self.layer_cached = self.lm.agrees_with_full_forward(ids, mask, b_idx, p_idx)
 
     def step(self, rows: Sequence[_Row]) -> None:
-        b_idx, p_idx, targets, weights = self._answer_index(rows)
         if self.layer_cached and not self.verified:
-            self._verify(rows, b_idx, p_idx)
+            self._verify(rows)
+        b_idx, p_idx, targets, weights = self._answer_index(rows)
         with self.neuron.attach(NeuronBatch.stack([r.neuron() for r in rows])):
             logits = self._logits(rows, b_idx, p_idx, self.layer_cached)
         token_loss = F.cross_entropy(logits.float(), targets, reduction="none") * weights

@@ -19,19 +19,17 @@ Ablation switches (paper tables): ``familiarity.enabled: false`` (5-6), ``genera
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from meg_harness.errors import HarnessError
 from meg_harness.meg.collect import CollectHParams
 from meg_harness.meg.diffusion import DiffusionConfig
 from meg_harness.meg.train_generator import TrainConfig
-from meg_harness.settings import settings_from_mapping
+from meg_harness.settings import read_hparams_file, settings_from_mapping, with_base
 
 SECTIONS = ("encoder", "familiarity", "collect", "generator", "diffusion", "train", "augment")
 TOP_LEVEL = ("alg_name", "model_name", "layer", "seed", "base", *SECTIONS)
@@ -81,17 +79,6 @@ def _section(cls, mapping: Mapping[str, Any] | None, name: str):
     return settings_from_mapping(cls, mapping, name, f"{name}.")
 
 
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``override`` applied; nested mappings merge key by key."""
-    merged = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 @dataclass(frozen=True)
 class MEGHyperParams:
     """Validated MeG hyper-parameters (see the module docstring for the YAML layout)."""
@@ -112,11 +99,8 @@ class MEGHyperParams:
     def from_dict(cls, mapping: Mapping[str, Any], source: str | os.PathLike | None = None) -> MEGHyperParams:
         """From a mapping (a YAML's contents). ``base: PATH`` loads that YAML first, the rest on top
         (how a run config states an ablation); errors name ``source`` and the field."""
-        values = dict(mapping)
-        if "base" in values:
-            base = cls.load_mapping(values.pop("base"))
-            values = deep_merge(base, values)
         try:
+            values = with_base(mapping)
             unknown = sorted(set(values) - set(TOP_LEVEL))
             if unknown:
                 raise HarnessError(
@@ -151,24 +135,13 @@ class MEGHyperParams:
         except (HarnessError, TypeError, ValueError) as error:
             reason = error.reason if isinstance(error, HarnessError) else str(error)
             field_name = error.field if isinstance(error, HarnessError) else None
-            raise HarnessError(reason, file=source, field=field_name) from None
+            file = error.file if isinstance(error, HarnessError) and error.file else source
+            raise HarnessError(reason, file=file, field=field_name) from None
 
     @staticmethod
     def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
         """A YAML file's mapping (``base:`` chains resolved)."""
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except OSError as error:
-            raise HarnessError(f"cannot read hparams: {error.strerror}", file=path) from None
-        except yaml.YAMLError:
-            raise HarnessError("not valid YAML", file=path) from None
-        if not isinstance(data, dict):
-            raise HarnessError("an hparams file must be a YAML mapping", file=path)
-        if "base" in data:
-            data = deep_merge(MEGHyperParams.load_mapping(data.pop("base")), data)
-        return data
+        return read_hparams_file(path)
 
     @classmethod
     def from_hparams(cls, path: str | os.PathLike) -> MEGHyperParams:
