@@ -11,7 +11,8 @@ from pathlib import Path
 
 from meg_harness.errors import HarnessError
 
-DEMO_METHODS = ["none", "meg"]
+DEMO_CONFIG = "demo-smollm2-135m.yaml"  # in meg_harness/data/demo/
+DEMO_METHODS = ["none", "meg", "memit", "alphaedit", "pmet", "ft", "malmen"]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -25,26 +26,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_config(model: str, methods: Sequence[str], scales: Sequence[int] | None = None):
+    """The demo's run config (``data/demo/demo-smollm2-135m.yaml``) for ``methods`` (and ``scales``)."""
+    import yaml
+
+    from meg_harness.config import parse_config
+    from meg_harness.data import demo_path
+
+    source = resources.files("meg_harness") / "data" / "demo" / DEMO_CONFIG
+    data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    unknown = [m for m in methods if m not in data["methods"]]
+    if unknown:
+        known = ", ".join(data["methods"])
+        raise HarnessError(f"the demo has no settings for {unknown}; it runs {known}", field="methods")
+    data["model"], data["methods"] = model, list(methods)
+    data["hparams"] = {m: h for m, h in data["hparams"].items() if m in methods}
+    if scales:
+        data["n_edits"] = list(scales) if len(scales) > 1 else scales[0]
+    if "malmen" in data["hparams"]:
+        data["hparams"]["malmen"]["train_path"] = str(demo_path("counterfact"))
+    return parse_config(data, str(source))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from meg_harness.config import RunConfig
     from meg_harness.report.leaderboard import leaderboard
+    from meg_harness.report.tables import write_tables
     from meg_harness.runner import run_experiment
 
     started = time.perf_counter()
     out = Path(args.out)
-    demo_hparams = resources.files("meg_harness") / "data" / "demo" / "meg-smollm2-135m.yaml"
-    config = RunConfig(
-        model=args.model,
-        dataset="counterfact",
-        data_path=None,
-        n_edits=None,
-        methods=list(args.methods),
-        hparams={"meg": str(demo_hparams)} if "meg" in args.methods else {},
-    )
+    config = demo_config(args.model, args.methods, args.scales)
     run_experiment(config, out, config_source="demo")
     board = leaderboard(out, "md")
     (out / "leaderboard.md").write_text(board, encoding="utf-8")
+    written = write_tables(out, out / "tables")  # the paper's layouts; the Score-vs-scale figure among them
     print(board)
+    for path in written:
+        if path.suffix == ".png":
+            print(f"figure: {path}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s; results in {out}")
     return 0
 
@@ -211,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--methods", nargs="+", default=DEMO_METHODS, help="methods to run (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--scales", nargs="+", type=int, help="numbers of edits (default: the demo config's, 16 and 48)"
     )
     demo.set_defaults(handler=_cmd_demo)
 

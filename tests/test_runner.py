@@ -213,14 +213,14 @@ def test_leaderboard_formats(run_config, tmp_path, capsys):
 
 def test_demo_on_a_tiny_model_writes_leaderboard(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert (
-        main(["demo", "--model", str(tiny_model_dir("llama")), "--out", str(out), "--methods", "none"]) == 0
-    )
+    model = str(tiny_model_dir("llama"))
+    assert main(["demo", "--model", model, "--out", str(out), "--methods", "none", "--scales", "4", "8"]) == 0
     board = (out / "leaderboard.md").read_text()
-    assert "| none |" in board and "counterfact" in board
-    metrics = json.loads((out / "none" / "seed0" / "metrics.json").read_text())
-    assert metrics["counts"]["cases"] == 100  # the shipped demo data, all of it
+    assert "| none |" in board and "counterfact · 4 edits" in board and "counterfact · 8 edits" in board
+    metrics = json.loads((out / "n8" / "none" / "seed0" / "metrics.json").read_text())
+    assert metrics["counts"]["cases"] == 8  # demo records 0-49 (50-99 train MALMEN)
     assert metrics["locality_ag"] == 100.0
+    assert (out / "tables" / "index.md").is_file()
 
 
 def test_make_tiny_model_and_tasks_path(tmp_path, capsys):
