@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", nargs="+", default=DEMO_METHODS, help="methods to run (default: %(default)s)"
     )
     demo.add_argument(
-        "--scales", nargs="+", type=int, help="numbers of edits (default: the demo config's, 16 and 48)"
+        "--scales", nargs="+", type=int, help="numbers of edits (default: the demo config's, 16 and 32)"
     )
     demo.set_defaults(handler=_cmd_demo)
 

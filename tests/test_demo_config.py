@@ -56,7 +56,7 @@ def test_demo_meg_hparams_match_the_repository_file_where_not_marked():
 
 def test_demo_config_builds_every_editor_and_keeps_malmen_training_off_the_edits():
     config = demo_config("smollm2-135m", DEMO_METHODS)
-    assert config.methods == DEMO_METHODS and config.n_edits == [16, 48]
+    assert config.methods == DEMO_METHODS and config.n_edits == [16, 32]
     for method in DEMO_METHODS:
         get_editor_class(method)(config.hparams.get(method, {}))
     malmen = config.hparams["malmen"]
