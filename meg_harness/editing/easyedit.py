@@ -361,6 +361,12 @@ def _cache_length(past: Any) -> int:
         return 0
 
 
+def _kv_cache(kwargs: Mapping[str, Any]) -> Any:
+    """The KV cache a forward call received: ``past_key_values`` (transformers <= 5.23) or ``cache``."""
+    cache = kwargs.get("past_key_values")
+    return cache if cache is not None else kwargs.get("cache")
+
+
 def _template_special(tokenizer: Any, template: QueryTemplate) -> list[str]:
     """Special-token strings to strip, except those the template itself uses (ChatML's ``<|im_start|>``)."""
     special = list(getattr(tokenizer, "all_special_tokens", []) or [])
@@ -373,8 +379,9 @@ class RowRouting:
     Before each forward, every row's non-padding tokens (by ``attention_mask``; left or right padding) are
     decoded and the row's question recovered by :func:`question_from_text`; ``edited.rows(questions)`` is
     entered for that forward and left in the post-hook (which runs even when the forward raises). An
-    incremental decoding step (a non-empty KV cache in ``past_key_values``) reuses the questions of the
-    previous full (prefill) call. At most one routing is installed per model: installing replaces the old one.
+    incremental decoding step (a non-empty KV cache: ``past_key_values``, or ``cache`` from transformers
+    5.24 on) reuses the questions of the previous full (prefill) call. At most one routing is installed per
+    model: installing replaces the old one.
     """
 
     def __init__(self, edited: Edited, template: QueryTemplate, known: Sequence[str] = ()) -> None:
@@ -415,7 +422,7 @@ class RowRouting:
             )
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-        past = _cache_length(kwargs.get("past_key_values")) > 0
+        past = _cache_length(_kv_cache(kwargs)) > 0
         if past:
             questions = self.last_questions
             if questions is None or len(questions) != input_ids.shape[0]:
