@@ -175,15 +175,9 @@ def load_hparams(value: Any, method: str, source: str) -> dict[str, Any]:
     name a ``base:`` hparams file it extends (``memit@x: {base: hparams/MEMIT/m.yaml, v_lr: 1.0}``)."""
     if value is None:
         return {}
-    where = {"file": source, "field": f"hparams.{method}"}
-    if isinstance(value, dict):
-        try:
-            return with_base(value)
-        except HarnessError as error:
-            raise HarnessError(error.reason, file=error.file or source, field=f"hparams.{method}") from None
-    if not isinstance(value, str):
-        raise HarnessError("expected a YAML path or a mapping", **where)
+    if not isinstance(value, (dict, str)):
+        raise HarnessError("expected a YAML path or a mapping", file=source, field=f"hparams.{method}")
     try:
-        return read_hparams_file(value)
+        return with_base(value) if isinstance(value, dict) else read_hparams_file(value)
     except HarnessError as error:
-        raise HarnessError(error.reason, file=error.file or value, field=f"hparams.{method}") from None
+        raise HarnessError(error.reason, file=error.file or source, field=f"hparams.{method}") from None

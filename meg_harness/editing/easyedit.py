@@ -38,7 +38,7 @@ from meg_harness.editing.base import Edited
 from meg_harness.editing.registry import get_editor_class, list_methods
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.templates import QueryTemplate, get_template
-from meg_harness.settings import read_hparams_file
+from meg_harness.settings import with_base
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,10 @@ class HyperParams:
             raise HarnessError("not valid YAML/JSON", file=path) from None
         if not isinstance(data, dict):
             raise HarnessError("an hparams file must be a mapping", file=path)
-        if "base" in data:
-            data = read_hparams_file(path)
+        try:
+            data = with_base(data)
+        except HarnessError as error:
+            raise HarnessError(error.reason, file=error.file or path, field=error.field) from None
         return cls.from_dict(data, source=path)
 
     @classmethod

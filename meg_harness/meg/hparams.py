@@ -138,15 +138,10 @@ class MEGHyperParams:
             file = error.file if isinstance(error, HarnessError) and error.file else source
             raise HarnessError(reason, file=file, field=field_name) from None
 
-    @staticmethod
-    def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
-        """A YAML file's mapping (``base:`` chains resolved)."""
-        return read_hparams_file(path)
-
     @classmethod
     def from_hparams(cls, path: str | os.PathLike) -> MEGHyperParams:
         """EasyEdit's constructor name: read ``hparams/MEG/<model>.yaml``."""
-        return cls.from_dict(cls.load_mapping(path), source=path)
+        return cls.from_dict(read_hparams_file(path), source=path)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
