@@ -21,6 +21,13 @@ from tests.test_lm_eval_support import TASKS_PATH  # noqa: E402
 PTH = Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
 
 
+def _command(name: str) -> str | None:
+    """The console script ``name`` installed beside this interpreter (a venv's bin/, on PATH or not), else
+    the one on PATH."""
+    script = Path(sysconfig.get_paths()["scripts"]) / name
+    return str(script) if script.is_file() else shutil.which(name)
+
+
 def _python(code: str, timeout: int = 120) -> str:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -51,7 +58,8 @@ def test_pth_is_installed_and_interpreter_start_stays_light():
 
 def test_lm_eval_cli(tiny_model_dir, tmp_path):
     """The literal `lm_eval` command with `--model edited` on a KE task and a local general benchmark."""
-    if shutil.which("lm_eval") is None or not PTH.is_file():
+    lm_eval = _command("lm_eval")
+    if lm_eval is None or not PTH.is_file():
         pytest.skip("the lm_eval command or the installed .pth hook is missing (pip install -e '.[lm-eval]')")
     from meg_harness.data import load_cases
     from meg_harness.evaluate.templates import get_template
@@ -62,7 +70,7 @@ def test_lm_eval_cli(tiny_model_dir, tmp_path):
     write_cases_file(tmp_path / "cases.json", "counterfact", cases, get_template("gptj"), labels)
     tasks = "counterfact_ke" + (",sst2_meg_local" if SHARED_DATA.is_dir() else "")
     command = [
-        shutil.which("lm_eval"),
+        lm_eval,
         "--model", "edited",
         "--model_args", f"pretrained={tiny_model_dir('llama')}",
         "--tasks", tasks,
@@ -89,7 +97,7 @@ LAUNCHERS = {
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_data_parallel_on_cpu(launcher, tiny_model_dir, tmp_path):
     """Two gloo processes split the documents and give the single-process numbers (about a minute)."""
-    executable = shutil.which(LAUNCHERS[launcher][0])
+    executable = _command(LAUNCHERS[launcher][0])
     if executable is None or not PTH.is_file():
         pytest.skip(f"{launcher} or the installed .pth hook is missing")
     from dataclasses import replace
