@@ -1,4 +1,4 @@
-"""Why PMET does not edit SmolLM2-135M: its FFN-only update on ONE layer, beside MEMIT's on the same layer.
+"""PMET's FFN-only update on ONE layer of SmolLM2-135M, beside MEMIT's on the same layer (diagnosis).
 
 PMET optimises an attention delta and an FFN delta jointly at the last edited layer and writes only the FFN
 one into the weights. With a single edited layer the FFN update realises its delta exactly at the subject's
@@ -8,8 +8,8 @@ after the weight update, and Reliability TF / Locality TF before and after.
 
     python benchmarks/pmet_single_layer.py [--layer 7] [--n 8] [--methods pmet memit] [--set key=value ...]
 
-``--set`` overrides an hparam of every method (e.g. ``--set clamp_norm_factor=3``); the defaults are the
-methods' SmolLM2 files (``hparams/<METHOD>/smollm2-135m.yaml``) with ``layers`` = ``[--layer]``.
+``--set`` overrides an hparam of every method (e.g. ``--set clamp_norm_factor=3 ffn_target=block``); the
+defaults are the methods' SmolLM2 files (``hparams/<METHOD>/smollm2-135m.yaml``), ``layers`` = ``[--layer]``.
 """
 
 from __future__ import annotations

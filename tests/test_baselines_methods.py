@@ -182,6 +182,8 @@ def test_subject_last_token_is_located_inside_the_templated_prompt():
 
 
 def test_bad_hparams_are_reported():
+    with pytest.raises(HarnessError, match="ffn_target 'attn' is not one of delta, observed, block"):
+        editor("pmet", ffn_target="attn")
     with pytest.raises(HarnessError, match="unknown memit hparam"):
         get_editor_class("memit")({"layerz": [1]})
     model, tok = deep_model("gpt2")
@@ -327,6 +329,53 @@ def test_value_optimisation_resumes_from_finished_chunks(tmp_path, monkeypatch):
     assert calls == [1]  # only the one edit of the unfinished chunk is optimised again
     for site, target in full.targets.items():
         torch.testing.assert_close(resumed.targets[site], target, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gptj"])
+def test_pmet_observed_ffn_output_is_the_ffn_output_under_both_optimised_deltas(arch):
+    """``observed`` = the FFN output at the subject with both final deltas added (an independent forward). In
+    a sequential block (llama) the attention delta shifts the FFN input, so it differs from init + delta; in
+    GPT-J's parallel block it does not."""
+    from meg_harness.baselines.nethook import Trace
+    from meg_harness.baselines.values import optimise_values
+
+    model, tok = deep_model(arch)
+    ed = editor("pmet", ffn_target="observed")
+    plans = build_plans(tok, CASES[:3], TEMPLATE, [], ed.hp.kl_prompt)
+    adapter = get_adapter(model)
+    ffn, attn = ed.value_sites(adapter, 2)
+    opts = ed.value_options()
+    values = optimise_values(model, tok, plans, [ffn, attn], ed.hp, layer=2, progress=False, **opts)
+    assert set(values.observed) == {ffn, attn}
+    for e, plan in enumerate(plans):
+        row = plan.contexts[0]
+
+        def add_delta(name, out, e=e, row=row):
+            out = out.clone()
+            out[0, row.index] += (values.targets[name][e] - values.init[name][e]).to(out.dtype)
+            return out
+
+        with torch.no_grad(), Trace(model, [ffn, attn], retain_output=True, edit_output=add_delta) as trace:
+            model(input_ids=torch.tensor([row.ids]))
+        expected = trace.outputs[ffn][0, row.index].float()
+        torch.testing.assert_close(values.observed[ffn][e], expected, rtol=1e-4, atol=1e-4)
+    shift = (values.observed[ffn] - values.targets[ffn]).norm(dim=1)
+    moved = (values.targets[ffn] - values.init[ffn]).norm(dim=1)
+    if arch == "llama":
+        assert bool((shift > 0.05 * moved).all()), (shift, moved)
+    else:
+        assert float(shift.max()) < 1e-4
+    torch.testing.assert_close(values.observed[attn], values.targets[attn], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ffn_target", ["delta", "observed", "block"])
+def test_pmet_ffn_targets_each_edit_a_sequential_block_model(ffn_target):
+    model, tok = deep_model("llama")
+    nll_before = nll(model, tok)
+    edited = editor("pmet", ffn_target=ffn_target).fit(model, tok, CASES, TEMPLATE)
+    nll_after = nll(model, tok)
+    edited.restore()
+    assert float(nll_after.mean()) < float(nll_before.mean()) - 0.1, (nll_before, nll_after)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama", "phi"])

@@ -1,7 +1,13 @@
 """PMET (Li et al., AAAI 2024): the attention and FFN outputs of the last edited layer are optimised jointly
 (one delta each), and only the FFN's is used: each edited layer's FFN output projection is updated with
 MEMIT's solve toward the FFN target, the residual spread as ``R / sqrt(L - i)``. The attention weights are
-not changed."""
+not changed.
+
+``ffn_target`` picks the FFN target. ``delta`` (PMET's): the FFN output before the edit plus the FFN delta.
+PMET's models (GPT-J, GPT-NeoX) have parallel blocks, where the attention delta does not reach the FFN; in
+a sequential block (Llama, SmolLM2) it shifts the FFN input, and ``observed`` takes the FFN output the
+optimisation actually saw (same as ``delta`` in a parallel block). ``block`` adds the attention delta to
+that, so the FFN alone reproduces the whole block's optimised output."""
 
 from __future__ import annotations
 
@@ -15,7 +21,11 @@ from meg_harness.baselines.locate import LocateThenEdit, c0_or_identity
 from meg_harness.baselines.memit import memit_update
 from meg_harness.baselines.params import LocateHParams
 from meg_harness.baselines.stats import SecondMoment
+from meg_harness.baselines.values import ValueResult
 from meg_harness.editing.registry import register_method
+from meg_harness.errors import HarnessError
+
+FFN_TARGETS = ("delta", "observed", "block")
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,15 @@ class PMETHParams(LocateHParams):
     kl_factor: float = 1.0
     mom2_update_weight: float = 6000.0
     nll_loss_factor: float = 1.0
+    ffn_target: str = "delta"  # delta | observed | block (module docstring)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ffn_target not in FFN_TARGETS:
+            raise HarnessError(
+                f"ffn_target {self.ffn_target!r} is not one of {', '.join(FFN_TARGETS)}",
+                field="hparams.ffn_target",
+            )
 
 
 @register_method
@@ -38,13 +57,26 @@ class PMET(LocateThenEdit):
         return [adapter.mlp_module_tmp.format(z_layer), adapter.attn_module_tmp.format(z_layer)]
 
     def value_options(self) -> dict:
-        return {"nll_factor": self.hp.nll_loss_factor, "relax_on_argmax": True}
+        options = {"nll_factor": self.hp.nll_loss_factor, "relax_on_argmax": True}
+        if self.hp.ffn_target != "delta":
+            options["record_observed"] = True
+        return options
 
     def residual(self, model, tokenizer, adapter, plans, values, z_layer, i, n_layers) -> torch.Tensor:
         site = adapter.mlp_module_tmp.format(z_layer)
         current = edit_outputs(model, tokenizer, plans, site, self.hp.key_batch_size)
-        return (values.targets[site].to(current.device) - current) / math.sqrt(n_layers - i)
+        target = ffn_target(values, site, adapter.attn_module_tmp.format(z_layer), self.hp.ffn_target)
+        return (target.to(current.device) - current) / math.sqrt(n_layers - i)
 
     def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, stats: SecondMoment | None):
         c0 = c0_or_identity(stats, keys.shape[0], keys.device)
         return memit_update(keys, resid, c0, self.hp.mom2_update_weight)
+
+
+def ffn_target(values: ValueResult, ffn: str, attn: str, kind: str) -> torch.Tensor:
+    """The FFN output the update aims at (``kind``: see the module docstring)."""
+    if kind == "delta":
+        return values.targets[ffn]
+    if kind == "observed":
+        return values.observed[ffn]
+    return values.observed[ffn] + values.targets[attn] - values.init[attn]

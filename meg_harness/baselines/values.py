@@ -37,17 +37,23 @@ from meg_harness.models.layer_cache import LayerCachedLM, right_pad_ids
 
 @dataclass
 class ValueResult:
-    """Per site ``[n_edits, d]`` float32 initial outputs and targets (init + delta), plus diagnostics."""
+    """Per site ``[n_edits, d]`` float32 initial outputs and targets (init + delta), plus diagnostics.
+
+    ``observed`` (only when asked for) holds each site's output under the final deltas of every site: it
+    differs from the target where one site's delta changes another's input (the FFN after the attention
+    in a sequential block)."""
 
     init: dict[str, torch.Tensor]
     targets: dict[str, torch.Tensor]
     nll: list[float] = field(default_factory=list)  # last measured mean NLL per target token
     steps: list[int] = field(default_factory=list)
+    observed: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         """Write to ``path`` atomically (safetensors; diagnostics in the metadata)."""
         tensors = {f"init/{k}": v for k, v in self.init.items()}
         tensors.update({f"target/{k}": v for k, v in self.targets.items()})
+        tensors.update({f"observed/{k}": v for k, v in self.observed.items()})
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -68,6 +74,7 @@ class ValueResult:
             {s: torch.cat([p.targets[s] for p in parts]) for s in sites},
             [x for p in parts for x in p.nll],
             [x for p in parts for x in p.steps],
+            {s: torch.cat([p.observed[s] for p in parts]) for s in parts[0].observed},
         )
 
     @classmethod
@@ -77,7 +84,8 @@ class ValueResult:
             result = cls({}, {}, json.loads(meta["nll"]), json.loads(meta["steps"]))
             for name in handle.keys():
                 kind, site = name.split("/", 1)
-                (result.init if kind == "init" else result.targets)[site] = handle.get_tensor(name)
+                parts = {"init": result.init, "target": result.targets, "observed": result.observed}
+                parts[kind][site] = handle.get_tensor(name)
         return result
 
 
@@ -155,6 +163,7 @@ def optimise_values(
     layer: int,
     nll_factor: float = 1.0,
     relax_on_argmax: bool = False,
+    record_observed: bool = False,
     cache: Callable[[Sequence[EditPlan]], Path] | None = None,
     progress: bool = True,
 ) -> ValueResult:
@@ -164,6 +173,7 @@ def optimise_values(
     ``relax_on_argmax`` (PMET): once every target token is the argmax, the NLL weight drops to a tenth,
     and the edit stops when its KL term is at most 0.01. ``cache(chunk)`` names the file a chunk's result
     is kept in: a finished chunk is loaded, not recomputed (an interrupted run resumes).
+    ``record_observed`` fills :attr:`ValueResult.observed`.
     """
     device = model_device(model)
     lm = LayerCachedLM(model, layer)
@@ -175,19 +185,23 @@ def optimise_values(
         if path is not None and path.is_file():
             parts.append(ValueResult.load(path))
             continue
-        init, target, nll, steps = _optimise_chunk(
-            lm, _batch(chunk, pad_id(tokenizer), device), len(chunk), sites, hp, nll_factor, relax_on_argmax
-        )
-        parts.append(ValueResult(init, target, nll, steps))
+        batch = _batch(chunk, pad_id(tokenizer), device)
+        parts.append(_optimise_chunk(lm, batch, len(chunk), sites, hp, nll_factor, relax_on_argmax))
+        if not record_observed:
+            parts[-1].observed = {}
         if path is not None:
             parts[-1].save(path)
     return ValueResult.concat(parts)
 
 
-def _optimise_chunk(lm: LayerCachedLM, b: _Batch, n: int, sites, hp: LocateHParams, nll_factor, relax):
+def _optimise_chunk(
+    lm: LayerCachedLM, b: _Batch, n: int, sites, hp: LocateHParams, nll_factor, relax
+) -> ValueResult:
     deltas: dict[str, torch.Tensor] = {}
     init: dict[str, torch.Tensor] = {}
     final: dict[str, torch.Tensor] = {}
+    observed: dict[str, torch.Tensor] = {}  # each site's output at the bare prompt's subject, this step
+    final_observed: dict[str, torch.Tensor] = {}
     active = torch.ones(n, dtype=torch.bool, device=b.ids.device)
     factor = torch.full((n,), float(nll_factor), device=b.ids.device)
     kl_init = None
@@ -203,19 +217,32 @@ def _optimise_chunk(lm: LayerCachedLM, b: _Batch, n: int, sites, hp: LocateHPara
         width = int(b.lengths[rows].max())
         r_edit, r_look = b.edit[rows], b.look[rows]
 
+        # rows of this step are a subset in order; map original row ids to positions in ``rows``
+        local = torch.full((len(b.edit),), -1, dtype=torch.long, device=rows.device)
+        local[rows] = torch.arange(len(rows), device=rows.device)
+        bare_edits = active.nonzero().squeeze(1)
+        bare_rows = local[first_row[bare_edits]]
+
         def edit_output(
-            name: str, out: torch.Tensor, rows=rows, r_edit=r_edit, r_look=r_look
+            name: str,
+            out: torch.Tensor,
+            rows=rows,
+            r_edit=r_edit,
+            r_look=r_look,
+            bare_edits=bare_edits,
+            bare_rows=bare_rows,
         ) -> torch.Tensor:
             if name not in init:  # first pass: every edit is active and every delta is zero
                 init[name] = out[first_row, b.look[first_row]].detach().float()
                 deltas[name] = torch.zeros_like(init[name], requires_grad=True)
             add = torch.zeros_like(out)
             add[torch.arange(len(rows), device=out.device), r_look] = deltas[name][r_edit].to(out.dtype)
-            return out + add
+            edited = out + add
+            observed.setdefault(name, init[name].clone())[bare_edits] = (
+                edited[bare_rows, b.look[first_row[bare_edits]]].detach().float()
+            )
+            return edited
 
-        # rows of this step are a subset in order; map original row ids to positions in ``rows``
-        local = torch.full((len(b.edit),), -1, dtype=torch.long, device=rows.device)
-        local[rows] = torch.arange(len(rows), device=rows.device)
         keep = local[b.label_row] >= 0
         lr_, lp_, li_ = local[b.label_row[keep]], b.label_pos[keep], b.label_id[keep]
         kl_rows = rows[b.is_kl[rows]]
@@ -264,6 +291,7 @@ def _optimise_chunk(lm: LayerCachedLM, b: _Batch, n: int, sites, hp: LocateHPara
             for s in sites:
                 final.setdefault(s, torch.zeros_like(init[s]))
                 final[s][done] = deltas[s].detach()[done]
+                final_observed.setdefault(s, torch.zeros_like(init[s]))[done] = observed[s][done]
             active = active & ~done
             if not bool(active.any()):
                 break
@@ -277,4 +305,4 @@ def _optimise_chunk(lm: LayerCachedLM, b: _Batch, n: int, sites, hp: LocateHPara
                 norm = deltas[s].norm(dim=1, keepdim=True)
                 deltas[s].copy_(torch.where(norm > limit, deltas[s] * limit / norm, deltas[s]))
     targets = {s: init[s] + final[s] for s in sites}
-    return init, targets, nll_last.tolist(), steps
+    return ValueResult(init, targets, nll_last.tolist(), steps, final_observed)
