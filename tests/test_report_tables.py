@@ -22,17 +22,20 @@ MEG_HPARAMS = {
 
 
 def _seed(root: Path, run: str, method: str, seed: int, values, **setting) -> Path:
-    """``root/run/method/seed<k>/metrics.json``; ``setting``: model, dataset, n_edits, hparams."""
+    """``root/run/method/seed<k>/metrics.json``; ``setting``: model, dataset, n_edits, hparams, range."""
     model = setting.get("model", "smollm2-135m")
     dataset = setting.get("dataset", "counterfact")
     n_edits = setting.get("n_edits", 4)
     folder = root / run / method / f"seed{seed}"
     folder.mkdir(parents=True)
     record = dict(zip(KEYS, values))
+    config = {"model": model, "dataset": dataset, "n_edits": n_edits, "methods": [method]}
+    if "range" in setting:
+        config.update(data_path="data/counterfact-edit.json", range=setting["range"])
     record.update(
         method=method,
         seed=seed,
-        config={"model": model, "dataset": dataset, "n_edits": n_edits, "methods": [method]},
+        config=config,
         counts={"cases": n_edits},
         hparams=setting.get("hparams", {}),
     )
@@ -255,3 +258,23 @@ def test_empty_folder_is_an_error(tmp_path):
 )
 def test_canonical_model_names(name, expected):
     assert canonical_model(name) == expected
+
+
+def test_dev_and_reserved_edit_ranges_are_separate_settings(tmp_path):
+    """Same model, dataset and scale on two index ranges of one file: two tables, and a variant of the dev
+    run is compared with the dev run's plain method only."""
+    root = tmp_path / "results"
+    dev, reserved = {"range": [0, 8000]}, {"range": [8000, 10000]}
+    _seed(root, "dev", "meg", 0, [90, 91, 50, 55, 80, 90, 61.5], hparams=MEG_HPARAMS, **dev)
+    variant = {"base": "hparams/MEG/x.yaml", "familiarity": {"threshold": 0.3}}
+    _seed(root, "dev", "meg@eps0.3", 0, [80, 81, 40, 45, 70, 80, 52.5], hparams=variant, **dev)
+    _seed(root, "reserved", "meg", 0, [70, 71, 30, 35, 60, 70, 43.5], hparams=MEG_HPARAMS, **reserved)
+    write_tables(root, tmp_path / "out")
+    dev_table = (tmp_path / "out" / "editing_counterfact_smollm2-135m_n4_r0-8000.md").read_text()
+    reserved_table = (tmp_path / "out" / "editing_counterfact_smollm2-135m_n4_r8000-10000.md").read_text()
+    assert "counterfact-edit.json [0, 8000)" in dev_table and "61.50" in _table_line(dev_table, "meg")
+    assert "counterfact-edit.json [8000, 10000)" in reserved_table
+    assert "43.50" in _table_line(reserved_table, "meg") and "61.50" not in reserved_table
+    ablation = (tmp_path / "out" / "ablation_meg_counterfact_smollm2-135m_n4_r0-8000.md").read_text()
+    assert "43.50" not in ablation and "61.50" in ablation and "52.50" in ablation
+    assert not (tmp_path / "out" / "ablation_meg_counterfact_smollm2-135m_n4_r8000-10000.md").exists()

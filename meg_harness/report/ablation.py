@@ -16,7 +16,7 @@ from meg_harness.report.markdown import file_part, metric_cells, paper_cells, pa
 from meg_harness.report.outputs import Built, Output, Skipped, markdown_output
 from meg_harness.report.paper import PaperRow, paper_rows
 from meg_harness.report.results import best_values
-from meg_harness.report.runs import RunResult
+from meg_harness.report.runs import RunResult, Setting
 
 ABLATIONS = "Tables 4-8, 15-16 (ablations: labelled variants such as meg@no-fn beside the method)"
 BASE_KEY = "base"
@@ -90,8 +90,8 @@ def ablation_tables(runs: Sequence[RunResult]) -> Built:
     return outputs
 
 
-def _ablation_file(setting: tuple[str, str, int], method: str, rows: list[RunResult]) -> Output:
-    model, dataset, n_edits = setting
+def _ablation_file(setting: Setting, method: str, rows: list[RunResult]) -> Output:
+    model, dataset, n_edits = setting.model, setting.dataset, setting.n_edits
     published = [r for r in paper_rows("ablation", model, dataset, n_edits) if r.method == method]
     rows.sort(key=lambda r: (r.is_variant, r.method, r.run))
     best = best_values(rows, ALL_METRIC_KEYS)
@@ -126,16 +126,16 @@ def _ablation_file(setting: tuple[str, str, int], method: str, rows: list[RunRes
             f"The paper publishes no ablation numbers for this setting ({model}, {dataset}, {n_edits} edits)."
         )
     table = pipe_table(["Method", "Changed hparams", *METRIC_HEADER, "Seeds"], body, text_columns=2)
-    title = f"Ablations of {method}: {dataset} · {model} · {n_edits} edits"
-    name = f"ablation_{file_part(method)}_{file_part(dataset)}_{file_part(model)}_n{n_edits}.md"
-    return markdown_output(name, title, section(f"{model} · {dataset} · {n_edits} edits", notes, table))
+    title = f"Ablations of {method}: {setting.title}"
+    name = f"ablation_{file_part(method)}_{file_part(dataset)}_{file_part(model)}_{setting.file_part}.md"
+    return markdown_output(name, title, section(setting.title, notes, table))
 
 
 def threshold_series(
     runs: Sequence[RunResult], key: str = "familiarity.threshold"
-) -> dict[tuple[str, str, int], list[tuple[float, RunResult]]]:
+) -> dict[Setting, list[tuple[float, RunResult]]]:
     """Per setting: (threshold, result) for MeG results that differ from their reference only in ``key``."""
-    per_setting: dict[tuple[str, str, int], list[RunResult]] = {}
+    per_setting: dict[Setting, list[RunResult]] = {}
     for run in runs:
         if run.base_method == "meg":
             per_setting.setdefault(run.setting, []).append(run)

@@ -10,7 +10,7 @@ from meg_harness.report.markdown import file_part, metric_cells, paper_cells, pa
 from meg_harness.report.outputs import Built, Output, Skipped, markdown_output
 from meg_harness.report.paper import layout_table, paper_row
 from meg_harness.report.results import COLUMN_TITLES, best_values
-from meg_harness.report.runs import RunResult
+from meg_harness.report.runs import RunResult, Setting
 
 EDITING = "Tables 1-2, 9-14 (editing performance per dataset × model × scale)"
 ALPHAEDIT = "Table 19 (AlphaEdit vs MeG by edit scale)"
@@ -42,8 +42,8 @@ def editing_tables(runs: Sequence[RunResult]) -> Built:
     ]
 
 
-def _editing_file(setting: tuple[str, str, int], rows: list[RunResult]) -> Output:
-    model, dataset, n_edits = setting
+def _editing_file(setting: Setting, rows: list[RunResult]) -> Output:
+    model, dataset, n_edits = setting.model, setting.dataset, setting.n_edits
     best = best_values(rows, ALL_METRIC_KEYS)
     body, n_paper = [], 0
     for label, row in zip(row_labels(rows), rows):
@@ -64,9 +64,9 @@ def _editing_file(setting: tuple[str, str, int], rows: list[RunResult]) -> Outpu
             f"The paper publishes no numbers for this setting ({model}, {dataset}, {n_edits} edits)."
         )
     table = pipe_table(["Method", *METRIC_HEADER, "Seeds"], body)
-    title = f"Editing performance: {dataset} · {model} · {n_edits} edits"
-    name = f"editing_{file_part(dataset)}_{file_part(model)}_n{n_edits}.md"
-    return markdown_output(name, title, section(f"{model} · {dataset} · {n_edits} edits", notes, table))
+    title = f"Editing performance: {setting.title}"
+    name = f"editing_{file_part(dataset)}_{file_part(model)}_{setting.file_part}.md"
+    return markdown_output(name, title, section(setting.title, notes, table))
 
 
 def alphaedit_tables(runs: Sequence[RunResult]) -> Built:

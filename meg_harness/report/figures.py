@@ -17,7 +17,7 @@ from meg_harness.report.markdown import file_part
 from meg_harness.report.outputs import Built, Output, Skipped
 from meg_harness.report.paper import method_title, paper_tables
 from meg_harness.report.results import UNEDITED
-from meg_harness.report.runs import RunResult
+from meg_harness.report.runs import RunResult, range_file_part
 from meg_harness.report.sweeps import LayerSweep
 
 SCALE = "Figures 3-4 (Score vs number of edits)"
@@ -58,17 +58,26 @@ def _draw(draw, *args) -> bytes:
 
 
 def scale_figures(runs: Sequence[RunResult]) -> Built:
-    """Per (model, dataset) run at two or more scales: each method's Score vs the number of edits."""
+    """Per (model, dataset, edits drawn from) run at two or more scales: each method's Score vs the number
+    of edits."""
     plain = [r for r in runs if not r.is_variant and r.method != UNEDITED]
-    pairs = sorted({(r.model, r.dataset) for r in plain})
+    groups = sorted({(r.model, r.dataset, r.edits, r.edit_range) for r in plain}, key=str)
     outputs = []
-    for model, dataset in pairs:
-        rows = sorted((r for r in plain if (r.model, r.dataset) == (model, dataset)), key=lambda r: r.run)
+    for model, dataset, edits, edit_range in groups:
+        rows = sorted(
+            (
+                r
+                for r in plain
+                if (r.model, r.dataset, r.edits, r.edit_range) == (model, dataset, edits, edit_range)
+            ),
+            key=lambda r: r.run,
+        )
         if len({r.n_edits for r in rows}) < 2:
             continue
         png = _draw(_scale_plot, model, dataset, rows)
-        title = f"Score vs number of edits: {dataset} · {model}"
-        outputs.append(Output(f"score_vs_scale_{file_part(dataset)}_{file_part(model)}.png", png, title))
+        title = f"Score vs number of edits: {dataset} · {model}" + (f" · {edits}" if edits else "")
+        name = f"score_vs_scale_{file_part(dataset)}_{file_part(model)}{range_file_part(edit_range)}.png"
+        outputs.append(Output(name, png, title))
     return outputs or [Skipped(SCALE, "no model × dataset with run results at two or more edit scales")]
 
 
@@ -152,10 +161,10 @@ def _layer_plot(axes, model: str, sweeps: Sequence[LayerSweep]) -> None:
 def threshold_figures(runs: Sequence[RunResult]) -> Built:
     """Per setting with MeG results that differ only in the familiarity threshold (two or more values)."""
     outputs = []
-    for (model, dataset, n_edits), points in sorted(threshold_series(runs).items()):
-        png = _draw(_threshold_plot, f"{model} · {dataset} · {n_edits} edits", points)
-        name = f"threshold_{file_part(dataset)}_{file_part(model)}_n{n_edits}.png"
-        outputs.append(Output(name, png, f"Threshold sensitivity: {dataset} · {model} · {n_edits} edits"))
+    for setting, points in sorted(threshold_series(runs).items()):
+        png = _draw(_threshold_plot, setting.title, points)
+        name = f"threshold_{file_part(setting.dataset)}_{file_part(setting.model)}_{setting.file_part}.png"
+        outputs.append(Output(name, png, f"Threshold sensitivity: {setting.title}"))
     reason = "no MeG results that differ only in familiarity.threshold (e.g. meg@eps0.1 beside meg)"
     return outputs or [Skipped(THRESHOLD, reason)]
 

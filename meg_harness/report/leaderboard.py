@@ -19,6 +19,7 @@ from meg_harness.report.results import (
     metric_values,
     read_json,
 )
+from meg_harness.report.runs import edit_selection
 
 __all__ = ["COLUMN_TITLES", "FORMATS", "Row", "collect_rows", "leaderboard", "render"]
 FORMATS = ("md", "csv", "latex")
@@ -26,7 +27,7 @@ FORMATS = ("md", "csv", "latex")
 
 @dataclass(frozen=True)
 class Row:
-    group: tuple[str, str, str]  # (model, dataset, n_edits)
+    group: tuple[str, str, str, str]  # (model, dataset, n_edits, edits drawn from: runs.edit_selection)
     method: str
     values: dict[str, float]
     stds: dict[str, float]
@@ -48,7 +49,8 @@ def collect_rows(directory: Path) -> list[Row]:
         values = metric_values(data, path)
         config = data["config"]
         n_edits = data.get("counts", {}).get("cases", config.get("n_edits"))
-        group = (str(config.get("model")), str(config.get("dataset")), str(n_edits))
+        edits, _ = edit_selection(config)
+        group = (str(config.get("model")), str(config.get("dataset")), str(n_edits), edits)
         rows.append(
             Row(
                 group,
@@ -76,7 +78,7 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
     """The leaderboard as markdown, CSV or a LaTeX tabular; best per column in bold (md, latex)."""
     if fmt not in FORMATS:
         raise HarnessError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}", field="format")
-    groups: dict[tuple[str, str, str], list[Row]] = {}
+    groups: dict[tuple[str, str, str, str], list[Row]] = {}
     for row in rows:
         groups.setdefault(row.group, []).append(row)
     if fmt == "csv":
@@ -92,6 +94,7 @@ def _csv(rows: Sequence[Row]) -> str:
             "model",
             "dataset",
             "n_edits",
+            "edits",
             "method",
             "n_seeds",
             *ALL_METRIC_KEYS,
@@ -106,11 +109,16 @@ def _csv(rows: Sequence[Row]) -> str:
     return buffer.getvalue()
 
 
-def _markdown(groups: dict[tuple[str, str, str], list[Row]]) -> str:
+def _title(group: tuple[str, str, str, str]) -> str:
+    model, dataset, n_edits, edits = group
+    return f"{model} · {dataset} · {n_edits} edits" + (f" · {edits}" if edits else "")
+
+
+def _markdown(groups: dict[tuple[str, str, str, str], list[Row]]) -> str:
     lines = []
-    for (model, dataset, n_edits), rows in groups.items():
+    for group, rows in groups.items():
         best = _best(rows)
-        lines += [f"### {model} · {dataset} · {n_edits} edits", ""]
+        lines += [f"### {_title(group)}", ""]
         lines.append("| Method | " + " | ".join(COLUMN_TITLES[k] for k in ALL_METRIC_KEYS) + " |")
         lines.append("|---|" + "---:|" * len(ALL_METRIC_KEYS))
         for row in rows:
@@ -123,11 +131,11 @@ def _markdown(groups: dict[tuple[str, str, str], list[Row]]) -> str:
     return "\n".join(lines)
 
 
-def _latex(groups: dict[tuple[str, str, str], list[Row]]) -> str:
+def _latex(groups: dict[tuple[str, str, str, str], list[Row]]) -> str:
     lines = []
-    for (model, dataset, n_edits), rows in groups.items():
+    for group, rows in groups.items():
         best = _best(rows)
-        lines.append(f"% {model}, {dataset}, {n_edits} edits")
+        lines.append(f"% {_title(group)}")
         lines.append("\\begin{tabular}{l" + "r" * len(ALL_METRIC_KEYS) + "}")
         lines.append("\\toprule")
         lines.append("Method & " + " & ".join(COLUMN_TITLES[k] for k in ALL_METRIC_KEYS) + " \\\\")

@@ -23,7 +23,49 @@ from meg_harness.report.results import metric_values, read_json
 
 SEED_FOLDER = re.compile(r"^seed(\d+)$")
 ARTIFACT_CONFIG = Path("artifact") / "config.json"
-Setting = tuple[str, str, int]  # (model, dataset, n_edits)
+
+
+@dataclass(frozen=True, order=True)
+class Setting:
+    """What a result is comparable within: model, dataset, number of edits, and which edits (the data file
+    and index range a run drew them from; dev and reserved ranges of one file are different settings)."""
+
+    model: str
+    dataset: str
+    n_edits: int
+    edits: str = ""  # e.g. "counterfact-edit.json [8000, 10000)"; "" when the run names no file and range
+    edit_range: tuple[int, int] | None = None
+
+    @property
+    def title(self) -> str:
+        """``model · dataset · N edits`` and, where known, where the edits come from."""
+        title = f"{self.model} · {self.dataset} · {self.n_edits} edits"
+        return f"{title} · {self.edits}" if self.edits else title
+
+    @property
+    def file_part(self) -> str:
+        """``n256`` or ``n256_r8000-10000``: the part of an output file name that names the setting."""
+        return f"n{self.n_edits}{range_file_part(self.edit_range)}"
+
+
+def range_file_part(edit_range: tuple[int, int] | None) -> str:
+    """``_r8000-10000`` for an index range, ``""`` for none."""
+    return "" if edit_range is None else f"_r{edit_range[0]}-{edit_range[1]}"
+
+
+def edit_selection(config: Mapping[str, Any]) -> tuple[str, tuple[int, int] | None]:
+    """The edits a run config drew from: a label (data file name and index range) and the range."""
+    data_path, selected = config.get("data_path"), config.get("range")
+    edit_range = None
+    if (
+        isinstance(selected, (list, tuple))
+        and len(selected) == 2
+        and all(isinstance(v, int) for v in selected)
+    ):
+        edit_range = (int(selected[0]), int(selected[1]))
+    name = Path(data_path).name if isinstance(data_path, str) and data_path else ""
+    where = f"[{edit_range[0]}, {edit_range[1]})" if edit_range else ""
+    return " ".join(part for part in (name, where) if part), edit_range
 
 
 @dataclass(frozen=True)
@@ -39,10 +81,12 @@ class RunResult:
     seeds: tuple[int, ...]
     run: str  # the run folder, relative to the scanned folder (POSIX)
     hparams: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    edits: str = ""  # :attr:`Setting.edits`
+    edit_range: tuple[int, int] | None = None
 
     @property
     def setting(self) -> Setting:
-        return (self.model, self.dataset, self.n_edits)
+        return Setting(self.model, self.dataset, self.n_edits, self.edits, self.edit_range)
 
     @property
     def base_method(self) -> str:
@@ -91,7 +135,7 @@ def _order(result: RunResult) -> tuple:
     return (result.setting, result.method != "none", -result.values["score"], result.method, result.run)
 
 
-def _setting(data: Mapping[str, Any], path: Path) -> tuple[str, str, int]:
+def _setting(data: Mapping[str, Any], path: Path) -> Setting:
     config = data["config"]
     if not isinstance(config, dict):
         raise HarnessError("'config' is not a mapping", file=path, field="config")
@@ -102,7 +146,7 @@ def _setting(data: Mapping[str, Any], path: Path) -> tuple[str, str, int]:
     n_edits = counts.get("cases", config.get("n_edits"))
     if isinstance(n_edits, bool) or not isinstance(n_edits, int):
         raise HarnessError("result file lacks the number of edits", file=path, field="counts.cases")
-    return canonical_model(config["model"]), config["dataset"], n_edits
+    return Setting(canonical_model(config["model"]), config["dataset"], n_edits, *edit_selection(config))
 
 
 def _run_name(directory: Path, method_folder: Path) -> str:
@@ -122,17 +166,19 @@ def _from_seeds(directory: Path, folder: Path, files: list[tuple[Path, dict]]) -
     first_path, first = files[0]
     seeds = tuple(int(SEED_FOLDER.match(path.parent.name).group(1)) for path, _ in files)
     hparams = _resolved_hparams(first_path.parent) or first.get("hparams")
-    model, dataset, n_edits = settings.pop()
+    setting = settings.pop()
     return RunResult(
-        model,
-        dataset,
-        n_edits,
+        setting.model,
+        setting.dataset,
+        setting.n_edits,
         str(first["method"]),
         values,
         stds,
         tuple(sorted(seeds)),
         _run_name(directory, folder),
         hparams if isinstance(hparams, dict) else {},
+        setting.edits,
+        setting.edit_range,
     )
 
 
@@ -153,18 +199,20 @@ def _number(value: Any) -> float:
 
 
 def _from_average(directory: Path, folder: Path, path: Path, data: dict) -> RunResult:
-    model, dataset, n_edits = _setting(data, path)
+    setting = _setting(data, path)
     stds = {k: _number(data.get(f"{k}_std")) for k in ALL_METRIC_KEYS}
     seeds = tuple(int(s) for s in data.get("seeds", [0]))
     hparams = data.get("hparams") if isinstance(data.get("hparams"), dict) else {}
     return RunResult(
-        model,
-        dataset,
-        n_edits,
+        setting.model,
+        setting.dataset,
+        setting.n_edits,
         str(data["method"]),
         metric_values(data, path),
         stds,
         seeds,
         _run_name(directory, folder),
         hparams,
+        setting.edits,
+        setting.edit_range,
     )
