@@ -61,17 +61,14 @@ def scale_figures(runs: Sequence[RunResult]) -> Built:
     """Per (model, dataset, edits drawn from) run at two or more scales: each method's Score vs the number
     of edits."""
     plain = [r for r in runs if not r.is_variant and r.method != UNEDITED]
-    groups = sorted({(r.model, r.dataset, r.edits, r.edit_range) for r in plain}, key=str)
+
+    def series(r: RunResult) -> tuple:
+        return (r.model, r.dataset, r.edits, r.edit_range)
+
     outputs = []
-    for model, dataset, edits, edit_range in groups:
-        rows = sorted(
-            (
-                r
-                for r in plain
-                if (r.model, r.dataset, r.edits, r.edit_range) == (model, dataset, edits, edit_range)
-            ),
-            key=lambda r: r.run,
-        )
+    for key in sorted({series(r) for r in plain}, key=str):
+        model, dataset, edits, edit_range = key
+        rows = sorted((r for r in plain if series(r) == key), key=lambda r: r.run)
         if len({r.n_edits for r in rows}) < 2:
             continue
         png = _draw(_scale_plot, model, dataset, rows)
