@@ -184,6 +184,8 @@ def test_subject_last_token_is_located_inside_the_templated_prompt():
 def test_bad_hparams_are_reported():
     with pytest.raises(HarnessError, match="ffn_target 'attn' is not one of delta, observed, block"):
         editor("pmet", ffn_target="attn")
+    with pytest.raises(HarnessError, match="residual_at 'attn' is not one of ffn, layer"):
+        editor("pmet", residual_at="attn")
     with pytest.raises(HarnessError, match="unknown memit hparam"):
         get_editor_class("memit")({"layerz": [1]})
     model, tok = deep_model("gpt2")
@@ -368,11 +370,13 @@ def test_pmet_observed_ffn_output_is_the_ffn_output_under_both_optimised_deltas(
     torch.testing.assert_close(values.observed[attn], values.targets[attn], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("ffn_target", ["delta", "observed", "block"])
-def test_pmet_ffn_targets_each_edit_a_sequential_block_model(ffn_target):
+@pytest.mark.parametrize(
+    "ffn_target, residual_at", [("delta", "ffn"), ("observed", "ffn"), ("block", "ffn"), ("block", "layer")]
+)
+def test_pmet_ffn_targets_each_edit_a_sequential_block_model(ffn_target, residual_at):
     model, tok = deep_model("llama")
     nll_before = nll(model, tok)
-    edited = editor("pmet", ffn_target=ffn_target).fit(model, tok, CASES, TEMPLATE)
+    edited = editor("pmet", ffn_target=ffn_target, residual_at=residual_at).fit(model, tok, CASES, TEMPLATE)
     nll_after = nll(model, tok)
     edited.restore()
     assert float(nll_after.mean()) < float(nll_before.mean()) - 0.1, (nll_before, nll_after)

@@ -7,7 +7,12 @@ not changed.
 PMET's models (GPT-J, GPT-NeoX) have parallel blocks, where the attention delta does not reach the FFN; in
 a sequential block (Llama, SmolLM2) it shifts the FFN input, and ``observed`` takes the FFN output the
 optimisation actually saw (same as ``delta`` in a parallel block). ``block`` adds the attention delta to
-that, so the FFN alone reproduces the whole block's optimised output."""
+that, so the FFN alone reproduces the whole block's optimised output.
+
+``residual_at`` picks where each edited layer's residual is measured. ``ffn`` (PMET's): at the last layer's
+FFN output, spread as ``R / sqrt(L - i)``. ``layer``: at the last layer's output (the residual stream), whose
+target is its output before the edit plus the FFN target's change, spread as MEMIT's ``R / (L - i)``; the
+lower layers' updates move it directly, where PMET's FFN output moves only through the FFN's input."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from meg_harness.editing.registry import register_method
 from meg_harness.errors import HarnessError
 
 FFN_TARGETS = ("delta", "observed", "block")
+RESIDUAL_SITES = ("ffn", "layer")
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class PMETHParams(LocateHParams):
     mom2_update_weight: float = 6000.0
     nll_loss_factor: float = 1.0
     ffn_target: str = "delta"  # delta | observed | block (module docstring)
+    residual_at: str = "ffn"  # ffn | layer (module docstring)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -45,6 +52,11 @@ class PMETHParams(LocateHParams):
             raise HarnessError(
                 f"ffn_target {self.ffn_target!r} is not one of {', '.join(FFN_TARGETS)}",
                 field="hparams.ffn_target",
+            )
+        if self.residual_at not in RESIDUAL_SITES:
+            raise HarnessError(
+                f"residual_at {self.residual_at!r} is not one of {', '.join(RESIDUAL_SITES)}",
+                field="hparams.residual_at",
             )
 
 
@@ -66,7 +78,14 @@ class PMET(LocateThenEdit):
         site = adapter.mlp_module_tmp.format(z_layer)
         current = edit_outputs(model, tokenizer, plans, site, self.hp.key_batch_size)
         target = ffn_target(values, site, adapter.attn_module_tmp.format(z_layer), self.hp.ffn_target)
-        return (target.to(current.device) - current) / math.sqrt(n_layers - i)
+        target = target.to(current.device)
+        if self.hp.residual_at == "ffn":
+            return (target - current) / math.sqrt(n_layers - i)
+        layer = adapter.layer_module_tmp.format(z_layer)
+        layer_now = edit_outputs(model, tokenizer, plans, layer, self.hp.key_batch_size)
+        if i == 0:  # nothing is updated yet: the FFN output is its value before the edit
+            self._layer_target = layer_now + (target - current)
+        return (self._layer_target - layer_now) / (n_layers - i)
 
     def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, stats: SecondMoment | None):
         c0 = c0_or_identity(stats, keys.shape[0], keys.device)
