@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -204,9 +206,9 @@ def test_leaderboard_formats(run_config, tmp_path, capsys):
     assert "| none |" in md and "Rel AG" in md and "±" in md
     assert main(["leaderboard", str(out), "--format", "csv"]) == 0
     csv_text = capsys.readouterr().out
-    header, row = csv_text.splitlines()[:2]
-    assert header.startswith("model,dataset,n_edits,method,n_seeds,reliability_ag")
-    assert row.split(",")[3] == "none"
+    header, row = list(csv.reader(io.StringIO(csv_text)))[:2]
+    assert header[:7] == ["model", "dataset", "n_edits", "edits", "method", "n_seeds", "reliability_ag"]
+    assert row[3] == "cf.json" and row[4] == "none"  # edits: the data file (the config names no range)
     assert main(["leaderboard", str(out), "--format", "latex"]) == 0
     assert "\\begin{tabular}" in capsys.readouterr().out
 
