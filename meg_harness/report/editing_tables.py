@@ -81,13 +81,14 @@ def _alphaedit_file(model: str, dataset: str, runs: Sequence[RunResult]) -> Outp
     chosen = [
         r for r in runs if (r.model, r.dataset) == (model, dataset) and r.method in ("alphaedit", "meg")
     ]
-    chosen.sort(key=lambda r: (r.n_edits, r.method, r.run))
+    chosen.sort(key=lambda r: (r.n_edits, r.edits, r.method, r.run))
     body = []
-    for n_edits, group in itertools.groupby(chosen, lambda r: r.n_edits):
+    for (n_edits, edits), group in itertools.groupby(chosen, lambda r: (r.n_edits, r.edits)):
         rows = list(group)
         best = best_values(rows, ALL_METRIC_KEYS)
+        scale = f"{n_edits} ({edits})" if edits else str(n_edits)
         for label, row in zip(row_labels(rows), rows):
-            body.append([str(n_edits), *our_row(label, row, best, len(rows))])
+            body.append([scale, *our_row(label, row, best, len(rows))])
             paper = paper_row("editing", model, dataset, n_edits, row.method, prefer="Table 19")
             if paper is not None:
                 body.append(["", paper_label(paper), *paper_cells(paper, ALL_METRIC_KEYS), "–"])
