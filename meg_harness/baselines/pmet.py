@@ -76,15 +76,15 @@ class PMET(LocateThenEdit):
 
     def residual(self, model, tokenizer, adapter, plans, values, z_layer, i, n_layers) -> torch.Tensor:
         site = adapter.mlp_module_tmp.format(z_layer)
-        current = edit_outputs(model, tokenizer, plans, site, self.hp.key_batch_size)
         target = ffn_target(values, site, adapter.attn_module_tmp.format(z_layer), self.hp.ffn_target)
-        target = target.to(current.device)
         if self.hp.residual_at == "ffn":
-            return (target - current) / math.sqrt(n_layers - i)
+            current = edit_outputs(model, tokenizer, plans, site, self.hp.key_batch_size)
+            return (target.to(current.device) - current) / math.sqrt(n_layers - i)
         layer = adapter.layer_module_tmp.format(z_layer)
         layer_now = edit_outputs(model, tokenizer, plans, layer, self.hp.key_batch_size)
         if i == 0:  # nothing is updated yet: the FFN output is its value before the edit
-            self._layer_target = layer_now + (target - current)
+            ffn_before = edit_outputs(model, tokenizer, plans, site, self.hp.key_batch_size)
+            self._layer_target = layer_now + (target.to(ffn_before.device) - ffn_before)
         return (self._layer_target - layer_now) / (n_layers - i)
 
     def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, stats: SecondMoment | None):

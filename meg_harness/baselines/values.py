@@ -82,10 +82,10 @@ class ValueResult:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             result = cls({}, {}, json.loads(meta["nll"]), json.loads(meta["steps"]))
+            kinds = {"init": result.init, "target": result.targets, "observed": result.observed}
             for name in handle.keys():
                 kind, site = name.split("/", 1)
-                parts = {"init": result.init, "target": result.targets, "observed": result.observed}
-                parts[kind][site] = handle.get_tensor(name)
+                kinds[kind][site] = handle.get_tensor(name)
         return result
 
 

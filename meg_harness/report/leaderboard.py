@@ -19,7 +19,7 @@ from meg_harness.report.results import (
     metric_values,
     read_json,
 )
-from meg_harness.report.runs import edit_selection
+from meg_harness.report.runs import edit_selection, setting_title
 
 __all__ = ["COLUMN_TITLES", "FORMATS", "Row", "collect_rows", "leaderboard", "render"]
 FORMATS = ("md", "csv", "latex")
@@ -109,16 +109,11 @@ def _csv(rows: Sequence[Row]) -> str:
     return buffer.getvalue()
 
 
-def _title(group: tuple[str, str, str, str]) -> str:
-    model, dataset, n_edits, edits = group
-    return f"{model} · {dataset} · {n_edits} edits" + (f" · {edits}" if edits else "")
-
-
 def _markdown(groups: dict[tuple[str, str, str, str], list[Row]]) -> str:
     lines = []
     for group, rows in groups.items():
         best = _best(rows)
-        lines += [f"### {_title(group)}", ""]
+        lines += [f"### {setting_title(*group)}", ""]
         lines.append("| Method | " + " | ".join(COLUMN_TITLES[k] for k in ALL_METRIC_KEYS) + " |")
         lines.append("|---|" + "---:|" * len(ALL_METRIC_KEYS))
         for row in rows:
@@ -135,7 +130,7 @@ def _latex(groups: dict[tuple[str, str, str, str], list[Row]]) -> str:
     lines = []
     for group, rows in groups.items():
         best = _best(rows)
-        lines.append(f"% {_title(group)}")
+        lines.append(f"% {setting_title(*group)}")
         lines.append("\\begin{tabular}{l" + "r" * len(ALL_METRIC_KEYS) + "}")
         lines.append("\\toprule")
         lines.append("Method & " + " & ".join(COLUMN_TITLES[k] for k in ALL_METRIC_KEYS) + " \\\\")

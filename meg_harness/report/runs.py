@@ -38,14 +38,18 @@ class Setting:
 
     @property
     def title(self) -> str:
-        """``model · dataset · N edits`` and, where known, where the edits come from."""
-        title = f"{self.model} · {self.dataset} · {self.n_edits} edits"
-        return f"{title} · {self.edits}" if self.edits else title
+        return setting_title(self.model, self.dataset, self.n_edits, self.edits)
 
     @property
     def file_part(self) -> str:
         """``n256`` or ``n256_r8000-10000``: the part of an output file name that names the setting."""
         return f"n{self.n_edits}{range_file_part(self.edit_range)}"
+
+
+def setting_title(model: str, dataset: str, n_edits: int | str, edits: str) -> str:
+    """``model · dataset · N edits`` and, where known, where the edits come from."""
+    title = f"{model} · {dataset} · {n_edits} edits"
+    return f"{title} · {edits}" if edits else title
 
 
 def range_file_part(edit_range: tuple[int, int] | None) -> str:
