@@ -37,6 +37,7 @@ from meg_harness.lm_eval_plugin.export import ARTIFACT_FILE as CASES_FILE
 from meg_harness.lm_eval_plugin.export import write_cases_file
 from meg_harness.models import get_adapter, load_model, model_fingerprint
 from meg_harness.provenance import git_sha, peak_rss_mb, versions
+from meg_harness.settings import BASE_KEY, flatten, with_base
 
 Log = Callable[[str], None]
 
@@ -71,6 +72,7 @@ def run_experiment(
         config.dataset, config.data_path, zsre_target=config.zsre_target, cache_dir=config.cache_dir
     )
     _check_previous_run(out, config)
+    _check_finished_hparams(out, config, hparams)
     n_first = None if config.filter_known else config.n_edits  # the A.9 filter samples after filtering
     selected = {
         seed: select_cases(all_cases, n_first, seed, config.range, config.one_per_subject)
@@ -255,6 +257,30 @@ def _merged_with_previous(out: Path, new: dict[str, Any]) -> dict[str, Any]:
         merged[key] = old.get(key, []) + [v for v in new[key] if v not in old.get(key, [])]
     merged["hparams"] = {**old.get("hparams", {}), **new.get("hparams", {})}
     return merged
+
+
+def _check_finished_hparams(out: Path, config: RunConfig, hparams: dict[str, dict[str, Any]]) -> None:
+    """Refuse to skip a finished method whose hparams are not the ones it would run with now: the config
+    names a YAML file whose contents changed since (the run config itself only holds its path)."""
+    for seed in config.seeds:
+        for method in config.methods:
+            finished = out / method / f"seed{seed}" / "metrics.json"
+            if not finished.is_file():
+                continue
+            recorded = json.loads(finished.read_text()).get("hparams")
+            if recorded is None:
+                continue
+            if BASE_KEY in recorded:  # results written before variants were recorded resolved
+                recorded = with_base(recorded)
+            was, now = flatten(recorded), flatten(json.loads(json.dumps(hparams[method])))
+            changed = sorted(k for k in set(was) | set(now) if was.get(k, "absent") != now.get(k, "absent"))
+            if changed:
+                raise HarnessError(
+                    f"{method} seed {seed} was run with other hparams (changed: {', '.join(changed)}); "
+                    "use another --out, or delete that result to recompute it",
+                    file=finished,
+                    field=f"hparams.{method}",
+                )
 
 
 def _check_previous_run(out: Path, config: RunConfig) -> None:

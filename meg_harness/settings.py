@@ -13,13 +13,14 @@ from typing import Any, TypeVar
 from meg_harness.errors import HarnessError
 
 T = TypeVar("T")
+BASE_KEY = "base"  # an hparams mapping's key naming the hparams file it extends
 
 
 def settings_from_mapping(
     cls: type[T], mapping: Mapping[str, Any] | T | None, what: str, prefix: str = ""
 ) -> T:
     """Dataclass ``cls`` from ``mapping`` (an instance passes through); an unknown key is a HarnessError
-    whose field is ``prefix + key``."""
+    whose field is ``prefix + key``, as is that of a validation error the dataclass raises."""
     if isinstance(mapping, cls):
         return mapping
     values = dict(mapping or {})  # type: ignore[arg-type]
@@ -29,7 +30,11 @@ def settings_from_mapping(
         raise HarnessError(
             f"unknown {what} setting(s) {unknown}; known: {sorted(known)}", field=f"{prefix}{unknown[0]}"
         )
-    return cls(**values)
+    try:
+        return cls(**values)
+    except HarnessError as error:  # a validation error of the dataclass: name the field with its section
+        field = f"{prefix}{error.field}" if error.field else None
+        raise HarnessError(error.reason, file=error.file, field=field) from None
 
 
 def require_positive_ints(settings: Any, names: Iterable[str]) -> None:
@@ -59,13 +64,25 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def with_base(mapping: Mapping[str, Any]) -> dict[str, Any]:
     """``mapping`` on top of the hparams file its ``base:`` names (chains resolved); as is without one.
 
     This is how a run config states a variant: ``pmet@c3: {base: hparams/PMET/x.yaml, clamp_norm_factor: 3}``.
     """
     values = dict(mapping)
-    base = values.pop("base", None)
+    base = values.pop(BASE_KEY, None)
     if base is None:
         return values
     if not isinstance(base, (str, os.PathLike)):

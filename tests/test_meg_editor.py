@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,12 @@ def test_hparams_validation_names_the_field(encoder_dir):
     with pytest.raises(HarnessError) as error:
         MEGHyperParams.from_dict({**tiny_hparams(encoder_dir), "layer": "twelve"})
     assert error.value.field == "layer"
+    with pytest.raises(HarnessError, match="non-negative") as error:
+        MEGHyperParams.from_dict(tiny_hparams(encoder_dir, familiarity={"negatives": -5}))
+    assert error.value.field == "familiarity.negatives"
+    with pytest.raises(HarnessError, match="at least 2") as error:
+        MEGHyperParams.from_dict(tiny_hparams(encoder_dir, familiarity={"num_classes": 1}))
+    assert error.value.field == "familiarity.num_classes"
 
 
 def test_hparams_base_file_with_overrides(tmp_path):
@@ -140,8 +147,8 @@ def test_no_familiarity_ablation_routes_everything(tiny_models, encoder_dir, cas
     assert edited.routed(["anything at all", cases[0].prompt]) == [True, True]
 
 
-def test_data_augmentation_trains_irrelevant_prompts_to_the_zero_neuron(tiny_models, cases, tmp_path):
-    source = tmp_path / "pseudo.json"
+def _pseudo_irrelevant_file(path: Path) -> list[dict]:
+    """Four CounterFact-style records about the tiny test, unrelated to the ``cases`` fixture."""
     unrelated = [
         {
             "case_id": i,
@@ -155,7 +162,35 @@ def test_data_augmentation_trains_irrelevant_prompts_to_the_zero_neuron(tiny_mod
         }
         for i, w in enumerate(["colour", "owner", "maker", "home"])
     ]
-    source.write_text(json.dumps(unrelated))
+    path.write_text(json.dumps(unrelated))
+    return unrelated
+
+
+def test_familiarity_negatives_are_drawn_from_the_pseudo_irrelevant_source(
+    tiny_models, encoder_dir, cases, tmp_path
+):
+    source = tmp_path / "pseudo.json"
+    unrelated = _pseudo_irrelevant_file(source)
+    model, tokenizer = tiny_models("llama")
+    hparams = tiny_hparams(
+        encoder_dir,
+        familiarity={"negatives": 4},
+        augment={"source": str(source)},
+        train={"max_steps": 20},
+    )
+    editor = get_editor_class("meg")(hparams)
+    editor.cache_dir = tmp_path / "cache"
+    edited = editor.fit(model, tokenizer, cases[:3], TEMPLATE)
+    net = edited.meg.familiarity
+    assert edited.info["familiarity"]["negatives"] == 4  # every record of the source
+    irrelevant = net.entropy(edited.meg.encoder.encode([r["prompt"] for r in unrelated]))
+    edits = net.entropy(edited.meg.encoder.encode([c.prompt for c in cases[:3]]))
+    assert float(irrelevant.min()) > float(edits.max())  # trained toward log K, the edits toward 0
+
+
+def test_data_augmentation_trains_irrelevant_prompts_to_the_zero_neuron(tiny_models, cases, tmp_path):
+    source = tmp_path / "pseudo.json"
+    unrelated = _pseudo_irrelevant_file(source)
     # An encoder whose [CLS] embeddings tell these prompts apart (cosine <= 0.9; the shared fixture's are
     # ~0.99 alike, which leaves the outcome to floating-point luck on other CPUs).
     distinct_encoder = tmp_path / "encoder"

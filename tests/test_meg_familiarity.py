@@ -16,7 +16,7 @@ from meg_harness.meg.calibration import (
     calibration_markdown,
     entropy_auc,
 )
-from meg_harness.meg.familiarity import FamiliarityNetwork, train_familiarity
+from meg_harness.meg.familiarity import NUM_CLASSES, FamiliarityNetwork, train_familiarity
 
 DIM = 32
 
@@ -133,3 +133,35 @@ def test_calibration_rates_best_threshold_and_markdown():
     assert table.count("\n|") == 5 and "| 0.15 | 100.00 | 50.00 | 0.00 | 100.00 |" in table
     assert "0.8125" in table
     assert PAPER_THRESHOLDS == (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)  # Table 16's grid
+
+
+def _relation_world(n_subjects: int, seed: int) -> torch.Tensor:
+    """CounterFact-like embeddings: one of 4 shared relation directions plus a subject of its own, so
+    prompts about new subjects lie near the edits (same relation) without being any of them."""
+    gen = torch.Generator().manual_seed(seed)
+    relations = torch.randn(4, DIM, generator=torch.Generator().manual_seed(99))
+    subjects = torch.randn(n_subjects, DIM, generator=gen)
+    return relations[torch.arange(n_subjects) % 4] + 0.6 * subjects
+
+
+def test_negatives_push_unrelated_same_relation_prompts_to_high_entropy_and_keep_the_edits():
+    edits, negatives, unseen = _relation_world(64, 1), _relation_world(400, 2), _relation_world(200, 3)
+    paraphrases = edits + 0.1 * torch.randn(edits.shape, generator=torch.Generator().manual_seed(4))
+    plain = train_familiarity(edits, seed=0, hidden=128, progress=False)
+    trained = train_familiarity(edits, seed=0, hidden=128, progress=False, negatives=negatives)
+    info = trained.train_info
+    assert info["accuracy"] == 100.0 and info["negatives"] == 400
+    assert info["negatives_mean_entropy"] > 0.9 * math.log(NUM_CLASSES)
+    assert trained.route(edits, 0.1).all()
+    assert trained.route(paraphrases, 0.1).float().mean() >= 0.9
+    unseen_routed = trained.route(unseen, 0.1).float().mean()
+    assert unseen_routed <= 0.1 < plain.route(unseen, 0.1).float().mean()
+    assert entropy_auc(trained, paraphrases, unseen) > entropy_auc(plain, paraphrases, unseen) + 0.05
+
+
+def test_without_negatives_training_is_unchanged():
+    points = torch.randn(30, DIM, generator=torch.Generator().manual_seed(5))
+    a = train_familiarity(points, seed=3, hidden=64, progress=False)
+    b = train_familiarity(points, seed=3, hidden=64, progress=False, negatives=torch.empty(0, DIM))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert b.train_info["negatives"] == 0 and b.train_info["negatives_mean_entropy"] is None

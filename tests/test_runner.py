@@ -134,6 +134,25 @@ def test_adding_a_labelled_variant_reuses_finished_results(run_config, tmp_path,
     assert "changed: hparams" in capsys.readouterr().err
 
 
+def test_rerun_refuses_a_finished_method_whose_hparams_file_changed(run_config, tmp_path, capsys):
+    hparams_file = tmp_path / "none.yaml"
+    hparams_file.write_text("note: first\n")
+    config = run_config(seeds=[0], hparams={"none": str(hparams_file)})
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--out", str(out)]) == 0
+    finished = out / "none" / "seed0" / "metrics.json"
+    stamp = finished.stat().st_mtime_ns
+    hparams_file.write_text("note: second\n")  # the run config still says the same path
+    capsys.readouterr()
+    assert main(["run", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "none seed 0 was run with other hparams (changed: note)" in err and "\n" not in err
+    assert finished.stat().st_mtime_ns == stamp
+    hparams_file.write_text("note: first\n")
+    assert main(["run", str(config), "--out", str(out)]) == 0  # the same contents again: skipped
+    assert finished.stat().st_mtime_ns == stamp
+
+
 def test_kill9_of_a_multi_method_run_then_restart_recomputes_nothing_finished(run_config, tmp_path):
     """Issue 8 d: ``kill -9`` part-way through a multi-method run; the rerun keeps every finished
     method/seed (byte-identical, not rewritten) and completes the rest."""

@@ -1,9 +1,10 @@
 """The ``meg`` method: the four MeG stages behind the Editor interface (paper 4.1-4.2).
 
 ``fit``: (1) text encoder, tuned on pseudo-knowledge pairs disjoint from the edits (cached); (2) familiarity
-network on the edit prompts' embeddings; (3) one neuron per edit by knowledge-weight collection (cached,
-resumable); (4) the weight generator on (embedding -> normalised neuron) pairs (cached, resumable). The result
-is a :class:`~meg_harness.meg.model.MegEdited`; ``save`` writes the MeG artifact, ``load`` reads it back.
+network on the edit prompts' embeddings (with ``familiarity.negatives``, also on pseudo-irrelevant prompts');
+(3) one neuron per edit by knowledge-weight collection (cached, resumable); (4) the weight generator on
+(embedding -> normalised neuron) pairs (cached, resumable). The result is a
+:class:`~meg_harness.meg.model.MegEdited`; ``save`` writes the MeG artifact, ``load`` reads it back.
 """
 
 from __future__ import annotations
@@ -66,19 +67,21 @@ def encoder_pairs(hp: MEGHyperParams) -> list[tuple[str, str]]:
     return pairs_from_mquake(cases) if settings.pairs_format == "mquake" else pairs_from_cases(cases)
 
 
-def irrelevant_prompts(hp: MEGHyperParams, cases: list[EditCase]) -> list[str]:
-    """A.3's pseudo-irrelevant prompts: ``augment.n`` prompts of the augment source absent from the edits."""
+def irrelevant_prompts(hp: MEGHyperParams, cases: list[EditCase], n: int) -> list[str]:
+    """A.3's pseudo-irrelevant prompts: ``n`` prompts of the augment source absent from the edits."""
     import random
 
     source = hp.augment.source or hp.encoder.pairs
     if source is None:
         raise HarnessError(
-            "augment needs augment.source (or encoder.pairs) to draw prompts from", field="augment.source"
+            "pseudo-irrelevant prompts (augment, familiarity.negatives) need augment.source (or "
+            "encoder.pairs) to draw from",
+            field="augment.source",
         )
     data_format = hp.augment.source_format or hp.encoder.pairs_format
     edited = {c.prompt for c in cases} | {r for c in cases for r in c.rephrases}
     prompts = sorted({c.prompt for c in _source_cases(source, data_format)} - edited)
-    return random.Random(hp.seed).sample(prompts, min(hp.augment.n, len(prompts)))
+    return random.Random(hp.seed).sample(prompts, min(n, len(prompts)))
 
 
 @register_method
@@ -105,6 +108,9 @@ class MegEditor(Editor):
         familiarity = None
         if hp.familiarity.enabled:
             f = hp.familiarity
+            negatives = None
+            if f.negatives:
+                negatives = encoder.encode(irrelevant_prompts(hp, cases, f.negatives)).to(device)
             familiarity = train_familiarity(
                 embeddings,
                 seed=hp.seed,
@@ -114,6 +120,8 @@ class MegEditor(Editor):
                 num_classes=f.num_classes,
                 lr=f.lr,
                 max_epochs=f.max_epochs,
+                negatives=negatives,
+                negative_weight=f.negative_weight,
             )
             info["familiarity"] = familiarity.train_info
         info["familiarity_s"] = time.perf_counter() - clock
@@ -132,7 +140,7 @@ class MegEditor(Editor):
         targets = collection.neurons.flatten().float().cpu()
         cond = embeddings.float().cpu()
         if hp.augment.enabled:
-            extra = irrelevant_prompts(hp, cases)
+            extra = irrelevant_prompts(hp, cases, hp.augment.n)
             cond = torch.cat([cond, encoder.encode(extra).float().cpu()])
             targets = torch.cat([targets, torch.zeros(len(extra), targets.shape[1])])
             info["augment_prompts"] = len(extra)

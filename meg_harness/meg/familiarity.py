@@ -3,6 +3,12 @@
 A K-way classifier trained to memorise RANDOM labels of the edit queries' (frozen, tuned) encoder embeddings:
 what it has seen (and its neighbourhood, e.g. paraphrases) gets a low-entropy output, unseen (unrelated)
 queries a high-entropy one, so ``entropy < threshold`` routes a query to the generated neuron.
+
+``negatives`` (this project's addition, off in the paper's hparams): embeddings of prompts known to be
+unrelated to the edits (drawn from a data file disjoint from them, as A.3's pseudo-irrelevant prompts) are
+trained toward the uniform distribution, i.e. maximal entropy (outlier exposure). A random-label classifier
+alone gives low entropy to anything near the edits in embedding space, e.g. another subject with the same
+relation (CounterFact's neighbourhood prompts); the negatives teach it where "unrelated" begins.
 """
 
 from __future__ import annotations
@@ -105,6 +111,8 @@ class FamiliarityNetwork(nn.Module):
         embeddings: torch.Tensor,
         *,
         labels: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
+        negative_weight: float = 1.0,
         seed: int = 0,
         lr: float = 1e-3,
         batch_size: int = 256,
@@ -115,7 +123,9 @@ class FamiliarityNetwork(nn.Module):
         """Train with cross-entropy (eq. 6) on random labels in ``[0, K)`` (drawn from ``seed`` unless given)
         until the train accuracy is 100% and the mean train loss is below ``loss_tol``, or ``max_epochs``.
 
-        Adam, shuffled mini-batches. Returns (and keeps in ``train_info``) epochs, final loss and accuracy.
+        With ``negatives``, each step also draws ``batch_size`` of them and adds ``negative_weight`` times
+        their cross-entropy to the uniform distribution. Adam, shuffled mini-batches. Returns (and keeps in
+        ``train_info``) epochs, final loss and accuracy on the edits, and the negatives' mean entropy.
         """
         from tqdm.auto import tqdm
 
@@ -129,6 +139,10 @@ class FamiliarityNetwork(nn.Module):
         elif labels.shape != (n,) or labels.min() < 0 or labels.max() >= self.config["num_classes"]:
             raise HarnessError(f"labels must be {n} class ids in [0, {self.config['num_classes']})")
         x, y = embeddings.detach().to(self.device, torch.float32), labels.to(self.device)
+        if negatives is not None:
+            self._check(negatives)
+            negatives = negatives.detach().to(self.device, torch.float32)
+        use_negatives = negatives is not None and len(negatives) > 0 and negative_weight > 0
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         loss, acc, epochs = float("inf"), 0.0, 0
         bar = tqdm(range(1, max_epochs + 1), desc="familiarity net", disable=not progress)
@@ -137,6 +151,10 @@ class FamiliarityNetwork(nn.Module):
             for idx in torch.randperm(n, generator=generator).split(batch_size):
                 idx = idx.to(self.device)
                 batch_loss = F.cross_entropy(self(x[idx]), y[idx])
+                if use_negatives:
+                    drawn = torch.randint(0, len(negatives), (batch_size,), generator=generator)
+                    to_uniform = -F.log_softmax(self(negatives[drawn.to(self.device)]), dim=-1).mean()
+                    batch_loss = batch_loss + negative_weight * to_uniform
                 optimizer.zero_grad(set_to_none=True)
                 batch_loss.backward()
                 optimizer.step()
@@ -154,6 +172,9 @@ class FamiliarityNetwork(nn.Module):
             "loss": loss,
             "accuracy": acc,
             "converged": acc == 100.0 and loss < loss_tol,
+            "negatives": len(negatives) if use_negatives else 0,
+            "negatives_mean_entropy": float(self.entropy(negatives).mean()) if use_negatives else None,
+            "negative_weight": negative_weight if use_negatives else None,
             "seed": seed,
             "lr": lr,
             "batch_size": batch_size,
@@ -203,7 +224,7 @@ def train_familiarity(
 ) -> FamiliarityNetwork:
     """Build a :class:`FamiliarityNetwork` for ``edit_embeddings`` (shape keywords: hidden, n_blocks,
     num_classes, normalize) and :meth:`~FamiliarityNetwork.fit` it (training keywords: lr, batch_size,
-    max_epochs, loss_tol, labels)."""
+    max_epochs, loss_tol, labels, negatives, negative_weight)."""
     shape_keys = {"hidden", "n_blocks", "num_classes", "normalize"}
     shape = {k: kwargs.pop(k) for k in list(kwargs) if k in shape_keys}
     net = FamiliarityNetwork(edit_embeddings.shape[-1], seed=seed, **shape).to(edit_embeddings.device)

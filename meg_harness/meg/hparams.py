@@ -5,7 +5,8 @@
     layer: 12                      # the FFN that gets the dynamic neuron
     encoder:     {name, tuning: infonce|mse|frozen, pairs, pairs_format, max_pairs, lr, epochs, tau,
                   batch_size}
-    familiarity: {enabled, threshold, hidden, n_blocks, num_classes, lr, max_epochs}
+    familiarity: {enabled, threshold, hidden, n_blocks, num_classes, lr, max_epochs, negatives,
+                  negative_weight}
     collect:     CollectHParams fields (layer comes from the top level)
     generator:   GeneratorConfig fields or a preset (DiT-B, DiT-S, DiT-T, DiT-CPU, MLP)
     diffusion:   DiffusionConfig fields (ddim_steps: the sampling steps)
@@ -29,7 +30,13 @@ from meg_harness.errors import HarnessError
 from meg_harness.meg.collect import CollectHParams
 from meg_harness.meg.diffusion import DiffusionConfig
 from meg_harness.meg.train_generator import TrainConfig
-from meg_harness.settings import read_hparams_file, settings_from_mapping, with_base
+from meg_harness.settings import (
+    read_hparams_file,
+    require_non_negative,
+    require_positive_ints,
+    settings_from_mapping,
+    with_base,
+)
 
 SECTIONS = ("encoder", "familiarity", "collect", "generator", "diffusion", "train", "augment")
 TOP_LEVEL = ("alg_name", "model_name", "layer", "seed", "base", *SECTIONS)
@@ -53,7 +60,11 @@ class EncoderSettings:
 
 @dataclass(frozen=True)
 class FamiliaritySettings:
-    """Stage 2 (4.1b). ``enabled: false`` routes every query to the generator (the no-FN ablation)."""
+    """Stage 2 (4.1b). ``enabled: false`` routes every query to the generator (the no-FN ablation).
+
+    ``negatives`` (this project's addition; 0 = the paper): that many prompts absent from the edits, drawn as
+    A.3's pseudo-irrelevant prompts (from ``augment.source``, default ``encoder.pairs``), are trained toward
+    the uniform distribution with weight ``negative_weight`` (see ``meg_harness.meg.familiarity``)."""
 
     enabled: bool = True
     threshold: float = 0.1
@@ -62,12 +73,21 @@ class FamiliaritySettings:
     num_classes: int = 10
     lr: float = 1e-3
     max_epochs: int = 1000
+    negatives: int = 0
+    negative_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        require_positive_ints(self, ("hidden", "n_blocks", "max_epochs"))
+        require_non_negative(self, ("threshold", "lr", "negatives", "negative_weight"))
+        if self.num_classes < 2:
+            raise HarnessError(f"num_classes must be at least 2, got {self.num_classes}", field="num_classes")
 
 
 @dataclass(frozen=True)
 class AugmentSettings:
     """A.3 data augmentation: ``n`` prompts from ``source`` (a data file disjoint from the edits; default the
-    encoder's pairs file) are trained to generate the all-zero neuron."""
+    encoder's pairs file) are trained to generate the all-zero neuron. ``source`` also supplies the
+    familiarity network's ``negatives``."""
 
     enabled: bool = False
     n: int = 256

@@ -17,21 +17,9 @@ from meg_harness.report.outputs import Built, Output, Skipped, markdown_output
 from meg_harness.report.paper import PaperRow, paper_rows
 from meg_harness.report.results import best_values
 from meg_harness.report.runs import RunResult, Setting
+from meg_harness.settings import BASE_KEY, flatten
 
 ABLATIONS = "Tables 4-8, 15-16 (ablations: labelled variants such as meg@no-fn beside the method)"
-BASE_KEY = "base"
-
-
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def effective_hparams(result: RunResult, reference: RunResult | None) -> dict[str, Any]:
