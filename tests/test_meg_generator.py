@@ -29,10 +29,10 @@ def test_dit_pads_patches_and_starts_at_zero_output():
 def test_generator_config_errors_name_the_field():
     with pytest.raises(HarnessError) as error:
         GeneratorConfig.from_mapping({"preset": "DiT-XXL"}, vector_dim=4, cond_dim=4)
-    assert error.value.field == "preset"
+    assert error.value.field == "generator.preset"
     with pytest.raises(HarnessError) as error:
         GeneratorConfig.from_mapping({"hidden": 30, "heads": 4}, vector_dim=4, cond_dim=4)
-    assert error.value.field == "heads"
+    assert error.value.field == "generator.heads"  # named with its section
 
 
 def test_v_prediction_loss_uses_the_v_target():

@@ -71,7 +71,8 @@ class GeneratorConfig:
         if preset is not None:
             if preset not in PRESETS:
                 raise HarnessError(
-                    f"unknown generator preset {preset!r}; known: {sorted(PRESETS)}", field="preset"
+                    f"unknown generator preset {preset!r}; known: {sorted(PRESETS)}",
+                    field="generator.preset",
                 )
             values = {**PRESETS[preset], **values}
         fixed = set(dims) & set(values)
