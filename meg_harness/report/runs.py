@@ -76,21 +76,33 @@ def edit_selection(config: Mapping[str, Any]) -> tuple[str, tuple[int, int] | No
 class RunResult:
     """One method label of one run folder: metrics (percentages) averaged over its seeds."""
 
-    model: str
-    dataset: str
-    n_edits: int
+    setting: Setting
     method: str
     values: dict[str, float]
     stds: dict[str, float]
     seeds: tuple[int, ...]
     run: str  # the run folder, relative to the scanned folder (POSIX)
     hparams: Mapping[str, Any] = field(default_factory=dict, compare=False)
-    edits: str = ""  # :attr:`Setting.edits`
-    edit_range: tuple[int, int] | None = None
 
     @property
-    def setting(self) -> Setting:
-        return Setting(self.model, self.dataset, self.n_edits, self.edits, self.edit_range)
+    def model(self) -> str:
+        return self.setting.model
+
+    @property
+    def dataset(self) -> str:
+        return self.setting.dataset
+
+    @property
+    def n_edits(self) -> int:
+        return self.setting.n_edits
+
+    @property
+    def edits(self) -> str:
+        return self.setting.edits
+
+    @property
+    def edit_range(self) -> tuple[int, int] | None:
+        return self.setting.edit_range
 
     @property
     def base_method(self) -> str:
@@ -170,19 +182,14 @@ def _from_seeds(directory: Path, folder: Path, files: list[tuple[Path, dict]]) -
     first_path, first = files[0]
     seeds = tuple(int(SEED_FOLDER.match(path.parent.name).group(1)) for path, _ in files)
     hparams = _resolved_hparams(first_path.parent) or first.get("hparams")
-    setting = settings.pop()
     return RunResult(
-        setting.model,
-        setting.dataset,
-        setting.n_edits,
+        settings.pop(),
         str(first["method"]),
         values,
         stds,
         tuple(sorted(seeds)),
         _run_name(directory, folder),
         hparams if isinstance(hparams, dict) else {},
-        setting.edits,
-        setting.edit_range,
     )
 
 
@@ -203,20 +210,15 @@ def _number(value: Any) -> float:
 
 
 def _from_average(directory: Path, folder: Path, path: Path, data: dict) -> RunResult:
-    setting = _setting(data, path)
     stds = {k: _number(data.get(f"{k}_std")) for k in ALL_METRIC_KEYS}
     seeds = tuple(int(s) for s in data.get("seeds", [0]))
     hparams = data.get("hparams") if isinstance(data.get("hparams"), dict) else {}
     return RunResult(
-        setting.model,
-        setting.dataset,
-        setting.n_edits,
+        _setting(data, path),
         str(data["method"]),
         metric_values(data, path),
         stds,
         seeds,
         _run_name(directory, folder),
         hparams,
-        setting.edits,
-        setting.edit_range,
     )
