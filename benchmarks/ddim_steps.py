@@ -1,8 +1,9 @@
 """Table 8 on this machine: MeG's metrics and generation cost per DDIM step count.
 
-    python benchmarks/ddim_steps.py RUN_DIR [--steps 10 50 100 1000] [--seed 0] [--threads 1] [--n N]
+    python benchmarks/ddim_steps.py RUN_DIR [--steps 10 50 100 1000] [--method meg] [--seed 0] [--threads 1]
+        [--n N]
 
-RUN_DIR is a ``meg-harness run`` output folder with a ``meg`` result (``RUN_DIR/meg/seed<k>/artifact``). For
+RUN_DIR is a ``meg-harness run`` output folder with a MeG result (``RUN_DIR/<method>/seed<k>/artifact``). For
 each step count it re-scores the run's cases with the artifact at that many DDIM steps (the six metrics and
 Score), and times (in the same process) the neuron generation per query against the base LM's greedy answer
 generation for the same queries: the "Proportion" column is generation / (generation + LLM answering).
@@ -32,13 +33,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 50, 100, 1000])
+    parser.add_argument("--method", default="meg", help="the run's MeG variant (e.g. meg@18k)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n", type=int, default=None, help="score only the run's first N cases")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = json.loads((args.run_dir / "run_config.json").read_text())
-    artifact = args.run_dir / "meg" / f"seed{args.seed}" / "artifact"
+    artifact = args.run_dir / args.method / f"seed{args.seed}" / "artifact"
     model, tokenizer = load_model(config["model"], dtype=config["dtype"], device=config["device"])
     edited = get_editor_class("meg").load(artifact, model, tokenizer)
     cases = run_cases(args.run_dir, args.seed)[: args.n]

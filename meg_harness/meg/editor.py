@@ -31,11 +31,14 @@ from meg_harness.meg.familiarity import train_familiarity
 from meg_harness.meg.generator import GeneratorConfig, build_generator, parameter_count
 from meg_harness.meg.hparams import MEGHyperParams
 from meg_harness.meg.model import MegEdited, MegModel
-from meg_harness.meg.train_generator import train_generator
+from meg_harness.meg.train_generator import continue_shorter_run, train_generator
 from meg_harness.models.adapters import get_adapter
 from meg_harness.models.loading import model_fingerprint
 
 GENERATOR_CACHE_VERSION = "meg-generator/v1"
+# Training settings added after the cache format was fixed: they enter the cache key only when they differ
+# from these (their defaults), so generators cached before them stay valid.
+TRAIN_SETTINGS_ADDED_LATER = {"cond_noise": 0.0}
 
 
 def _tensor_digest(*tensors: torch.Tensor) -> str:
@@ -202,15 +205,22 @@ class MegEditor(Editor):
             hp.generator, vector_dim=targets.shape[1], cond_dim=cond.shape[1]
         )
         normalizer = WeightNormalizer.fit(targets)
-        key = content_hash(
+        shape = (
             GENERATOR_CACHE_VERSION,
             _tensor_digest(cond, targets),
             config.to_dict(),
             hp.diffusion.to_dict(),
-            {k: v for k, v in hp.train.to_dict().items() if k != "max_minutes"},
         )
+        train = {
+            k: v
+            for k, v in hp.train.to_dict().items()
+            if k != "max_minutes"
+            and not (k in TRAIN_SETTINGS_ADDED_LATER and v == TRAIN_SETTINGS_ADDED_LATER[k])
+        }
+        key = content_hash(*shape, train)
+        lineage = content_hash(*shape, {k: v for k, v in train.items() if k != "max_steps"})
         folder = Path(self.cache_dir or default_cache_dir()) / "generators" / key[:32]
-        folder.mkdir(parents=True, exist_ok=True)
+        continue_shorter_run(folder, lineage, hp.train)
         generator = build_generator(config, seed=hp.train.seed).to(device)
         ema, result = train_generator(
             generator,

@@ -32,6 +32,7 @@ from meg_harness.meg.diffusion import DiffusionConfig, WeightNormalizer, ddim_sa
 from meg_harness.settings import require_positive_ints, settings_from_mapping
 
 CHECKPOINT = "checkpoint.pt"
+LINEAGE = "lineage.json"
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -39,7 +40,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 class TrainConfig:
     """Generator training settings. ``batch_size`` is the global batch (split across processes);
     ``max_minutes`` caps wall time (a run stopped by it is not bit-reproducible); ``eval_every`` and
-    ``checkpoint_every`` are in steps."""
+    ``checkpoint_every`` are in steps. ``cond_noise`` (not in the paper; 0 = off) adds Gaussian noise to each
+    training condition, its norm about ``cond_noise`` times the conditions' mean norm, so that the generator
+    treats the neighbourhood of an edit prompt's embedding (its paraphrases) as that edit."""
 
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -55,6 +58,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     mixed_precision: str = "no"
     seed: int = 0
+    cond_noise: float = 0.0
 
     def __post_init__(self) -> None:
         require_positive_ints(
@@ -65,6 +69,8 @@ class TrainConfig:
                 f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}",
                 field="mixed_precision",
             )
+        if self.cond_noise < 0:
+            raise HarnessError(f"cond_noise must be >= 0, got {self.cond_noise}", field="cond_noise")
         if not 0.0 <= self.ema_decay < 1.0:
             raise HarnessError(f"ema_decay must be in [0, 1), got {self.ema_decay}", field="ema_decay")
 
@@ -103,6 +109,42 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def continue_shorter_run(folder: str | os.PathLike, lineage: str, config: TrainConfig) -> int:
+    """Seed the checkpoint folder ``folder`` from the longest run of the same ``lineage`` beside it.
+
+    A lineage is a caller's hash of everything that shapes training except ``max_steps`` (pairs, generator,
+    schedule, the other settings). When ``folder`` has no checkpoint, the sibling folder of the same lineage
+    whose checkpoint went furthest without passing ``config.max_steps`` is copied in; it must have stopped at
+    an evaluation step (or on success), so continuing it is bit-identical to an uninterrupted run. Raising
+    ``train.max_steps`` then trains only the extra steps. Tags ``folder`` with ``lineage`` and returns the
+    step it continues from (0: none).
+    """
+    import shutil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LINEAGE).write_text(json.dumps({"lineage": lineage}) + "\n")
+    if (folder / CHECKPOINT).is_file():
+        return 0
+    best_steps, best_path = 0, None
+    for tag in folder.parent.glob(f"*/{LINEAGE}"):
+        checkpoint = tag.parent / CHECKPOINT
+        if tag.parent == folder or not checkpoint.is_file():
+            continue
+        if json.loads(tag.read_text()).get("lineage") != lineage:
+            continue
+        result = torch.load(checkpoint, map_location="cpu", weights_only=False)["result"]
+        steps = result["steps"]
+        resumable = result["success"] or steps % config.eval_every == 0
+        if resumable and best_steps < steps <= config.max_steps:
+            best_steps, best_path = steps, checkpoint
+    if best_path is not None:
+        tmp = folder / f".{CHECKPOINT}.{os.getpid()}.tmp"
+        shutil.copyfile(best_path, tmp)
+        os.replace(tmp, folder / CHECKPOINT)
+    return best_steps
 
 
 def train_generator(
@@ -159,6 +201,7 @@ def train_generator(
     device = accelerator.device
     cond, targets = cond.to(device), targets.to(device)
     scheduler = diffusion.train_scheduler()
+    noise_std = config.cond_noise * float(cond.float().norm(dim=1).mean()) / math.sqrt(cond.shape[1])
     window: list[float] = []
     bar = tqdm(
         total=config.max_steps, initial=result.steps, desc="generator", disable=not progress or rank != 0
@@ -166,8 +209,13 @@ def train_generator(
     model.train()
     while result.steps < config.max_steps:
         index = torch.randint(0, len(cond), (local_batch,), generator=generator_rng).to(device)
+        condition = cond[index]
+        if noise_std:
+            condition = condition + noise_std * torch.randn(condition.shape, generator=generator_rng).to(
+                condition
+            )
         with accelerator.autocast():
-            loss = v_prediction_loss(model, targets[index], cond[index], scheduler, generator_rng)
+            loss = v_prediction_loss(model, targets[index], condition, scheduler, generator_rng)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
