@@ -18,18 +18,14 @@ from pathlib import Path
 import torch
 
 from meg_harness.editing.registry import get_editor_class
-from meg_harness.meg.diffusion import ddim_sample
-from meg_harness.meg.model import query_noise
 from meg_harness.models import load_model
 from meg_harness.runner import run_cases
 
 
 def normalised_neurons(meg, questions: list[str], steps: int) -> torch.Tensor:
-    """The generator's normalised output for ``questions`` at ``steps`` DDIM steps, seeded as at inference."""
-    dim = meg.generator_config.vector_dim
-    embeddings = meg.encoder.encode(questions).to(meg.device)
-    noise = query_noise(questions, dim, meg.seed)
-    return ddim_sample(meg.generator, embeddings, dim, meg.diffusion, steps=steps, noise=noise)
+    """The neurons inference generates for ``questions`` at ``steps`` DDIM steps, in normalised units."""
+    made = meg.generate(questions, meg.encoder.encode(questions).to(meg.device), steps)
+    return meg.normalizer.normalize(made.flatten())
 
 
 def nearest_report(generated: torch.Tensor, edits: torch.Tensor) -> tuple[float, float, float]:

@@ -20,6 +20,10 @@ from meg_harness.meg.train_generator import (
 SMALL_DIT = {"kind": "dit", "patch_size": 10, "hidden": 32, "depth": 2, "heads": 2}
 SMALL_MLP = {"kind": "mlp", "hidden": 64, "depth": 2}
 # fast memorisation of a few pairs (no EMA warm-up, no early success)
+# short checkpointed runs (never an early success) for the resume tests
+CHECKPOINTED = dict(
+    lr=1e-3, batch_size=8, eval_every=10, eval_ddim_steps=5, checkpoint_every=10, success_l2=0.0
+)
 MEMORISE = dict(lr=3e-3, batch_size=64, eval_ddim_steps=20, ema_decay=0.9, ema_warmup=False, success_l2=0.0)
 
 
@@ -143,11 +147,13 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
     cond, targets = _pairs()
     config = GeneratorConfig.from_mapping(SMALL_MLP, vector_dim=21, cond_dim=6)
     diffusion = DiffusionConfig(ddim_steps=5)
-    common = dict(
-        lr=1e-3, batch_size=8, eval_every=10, eval_ddim_steps=5, checkpoint_every=10, success_l2=0.0
-    )
     whole, _ = train_generator(
-        build_generator(config), cond, targets, diffusion, TrainConfig(max_steps=30, **common), progress=False
+        build_generator(config),
+        cond,
+        targets,
+        diffusion,
+        TrainConfig(max_steps=30, **CHECKPOINTED),
+        progress=False,
     )
     folder = tmp_path / "ckpt"
     train_generator(
@@ -155,7 +161,7 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
         cond,
         targets,
         diffusion,
-        TrainConfig(max_steps=20, **common),
+        TrainConfig(max_steps=20, **CHECKPOINTED),
         checkpoint_dir=folder,
         progress=False,
     )
@@ -164,7 +170,7 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
         cond,
         targets,
         diffusion,
-        TrainConfig(max_steps=30, **common),
+        TrainConfig(max_steps=30, **CHECKPOINTED),
         checkpoint_dir=folder,
         progress=False,
     )
@@ -177,9 +183,6 @@ def test_raising_max_steps_continues_the_longest_shorter_run_of_the_same_lineage
     cond, targets = _pairs()
     config = GeneratorConfig.from_mapping(SMALL_MLP, vector_dim=21, cond_dim=6)
     diffusion = DiffusionConfig(ddim_steps=5)
-    common = dict(
-        lr=1e-3, batch_size=8, eval_every=10, eval_ddim_steps=5, checkpoint_every=10, success_l2=0.0
-    )
 
     def train(folder, max_steps):
         return train_generator(
@@ -187,17 +190,17 @@ def test_raising_max_steps_continues_the_longest_shorter_run_of_the_same_lineage
             cond,
             targets,
             diffusion,
-            TrainConfig(max_steps=max_steps, **common),
+            TrainConfig(max_steps=max_steps, **CHECKPOINTED),
             checkpoint_dir=folder,
             progress=False,
         )
 
     whole, _ = train(None, 30)
-    assert continue_shorter_run(tmp_path / "short", "L", TrainConfig(max_steps=20, **common)) == 0
+    assert continue_shorter_run(tmp_path / "short", "L", TrainConfig(max_steps=20, **CHECKPOINTED)) == 0
     train(tmp_path / "short", 20)
-    assert continue_shorter_run(tmp_path / "other", "M", TrainConfig(max_steps=30, **common)) == 0
-    assert continue_shorter_run(tmp_path / "shorter", "L", TrainConfig(max_steps=15, **common)) == 0
-    assert continue_shorter_run(tmp_path / "long", "L", TrainConfig(max_steps=30, **common)) == 20
+    assert continue_shorter_run(tmp_path / "other", "M", TrainConfig(max_steps=30, **CHECKPOINTED)) == 0
+    assert continue_shorter_run(tmp_path / "shorter", "L", TrainConfig(max_steps=15, **CHECKPOINTED)) == 0
+    assert continue_shorter_run(tmp_path / "long", "L", TrainConfig(max_steps=30, **CHECKPOINTED)) == 20
     continued, result = train(tmp_path / "long", 30)
     assert result.resumed_from == 20 and result.steps == 30
     for (name, a), (_, b) in zip(whole.state_dict().items(), continued.state_dict().items()):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from meg_harness.errors import HarnessError
 from meg_harness.meg.diffusion import DiffusionConfig, WeightNormalizer, ddim_sample, v_prediction_loss
-from meg_harness.settings import require_positive_ints, settings_from_mapping
+from meg_harness.settings import require_non_negative, require_positive_ints, settings_from_mapping
 
 CHECKPOINT = "checkpoint.pt"
 LINEAGE = "lineage.json"
@@ -69,8 +69,7 @@ class TrainConfig:
                 f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}",
                 field="mixed_precision",
             )
-        if self.cond_noise < 0:
-            raise HarnessError(f"cond_noise must be >= 0, got {self.cond_noise}", field="cond_noise")
+        require_non_negative(self, ("cond_noise",))
         if not 0.0 <= self.ema_decay < 1.0:
             raise HarnessError(f"ema_decay must be in [0, 1), got {self.ema_decay}", field="ema_decay")
 
