@@ -12,14 +12,11 @@ the same for the edit prompts themselves (their own distance is the sampler's ch
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from meg_harness.editing.registry import get_editor_class
-from meg_harness.models import load_model
-from meg_harness.runner import run_cases
+from meg_harness.runner import load_run_edit, run_cases
 
 
 def normalised_neurons(meg, questions: list[str], steps: int) -> torch.Tensor:
@@ -46,11 +43,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = json.loads((args.run_dir / "run_config.json").read_text())
-    model, tokenizer = load_model(config["model"], dtype=config["dtype"], device=config["device"])
-    meg = get_editor_class("meg").load(
-        args.run_dir / args.method / f"seed{args.seed}" / "artifact", model, tokenizer
-    )
+    meg = load_run_edit(args.run_dir, args.method, args.seed)
     cases = [c for c in run_cases(args.run_dir, args.seed) if c.rephrases]
     prompts, rephrases = [c.prompt for c in cases], [c.rephrases[0] for c in cases]
     edits = normalised_neurons(meg.meg, prompts, args.steps[0])

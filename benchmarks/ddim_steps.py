@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 
 from meg_harness.editing.base import Edited
-from meg_harness.editing.registry import get_editor_class
 from meg_harness.evaluate.evaluator import Evaluator, encode_query
 from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
 from meg_harness.evaluate.scoring import Probe, greedy_answers
-from meg_harness.models import load_model
 from meg_harness.models.loading import model_fingerprint
-from meg_harness.runner import run_cases
+from meg_harness.runner import load_run_edit, run_cases
 
 
 def main() -> None:
@@ -40,9 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = json.loads((args.run_dir / "run_config.json").read_text())
-    artifact = args.run_dir / args.method / f"seed{args.seed}" / "artifact"
-    model, tokenizer = load_model(config["model"], dtype=config["dtype"], device=config["device"])
-    edited = get_editor_class("meg").load(artifact, model, tokenizer)
+    edited = load_run_edit(args.run_dir, args.method, args.seed)
+    model, tokenizer = edited.model, edited.tokenizer
     cases = run_cases(args.run_dir, args.seed)[: args.n]
     evaluator = Evaluator(tokenizer, edited.template, batch_size=config["batch_size"])
     labels = evaluator.locality_labels(Edited(model, tokenizer), cases, model_fingerprint(model))

@@ -163,6 +163,15 @@ def run_cases(run_dir: Path, seed: int) -> list[EditCase]:
     return select_cases(cases, config.n_edits, seed, config.range, config.one_per_subject)
 
 
+def load_run_edit(run_dir: Path, method: str, seed: int) -> Edited:
+    """The edit a finished run saved for ``method`` (a label, e.g. ``meg@18k``) and ``seed``, loaded back on
+    the run's base model (for benchmarks that re-score or probe a run's artifact)."""
+    config = json.loads((Path(run_dir) / "run_config.json").read_text(encoding="utf-8"))
+    model, tokenizer = load_model(config["model"], dtype=config["dtype"], device=config["device"])
+    artifact = Path(run_dir) / method / f"seed{seed}" / "artifact"
+    return get_editor_class(method.partition("@")[0]).load(artifact, model, tokenizer)
+
+
 def _run_one(
     editor, model, tokenizer, cases, template, evaluator, labels, target: Path, *, record, seed
 ) -> None:

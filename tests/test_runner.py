@@ -122,10 +122,12 @@ def test_adding_a_labelled_variant_reuses_finished_results(run_config, tmp_path,
     assert main(["run", str(variant), "--out", str(out)]) == 0
     assert finished.stat().st_mtime_ns == stamp  # not recomputed
     assert (out / "none@b" / "seed0" / "artifact" / "lm_eval_cases.json").is_file()  # for lm-eval tasks
-    from meg_harness.runner import run_cases
+    from meg_harness.editing.base import Edited
+    from meg_harness.runner import load_run_edit, run_cases
 
     scored = [json.loads(line)["case_id"] for line in (out / "none" / "seed0" / "items.jsonl").open()]
     assert [c.case_id for c in run_cases(out, 0)] == list(dict.fromkeys(scored))
+    assert type(load_run_edit(out, "none@b", 0)) is Edited  # the label's editor (none), the run's model
     record = json.loads((out / "none@b" / "seed0" / "metrics.json").read_text())
     assert record["method"] == "none@b" and record["hparams"] == {"note": "variant"}
     changed = run_config(seeds=[0], methods=["none", "none@b"], hparams={"none@b": {"note": "other"}})

@@ -31,14 +31,14 @@ from meg_harness.meg.familiarity import train_familiarity
 from meg_harness.meg.generator import GeneratorConfig, build_generator, parameter_count
 from meg_harness.meg.hparams import MEGHyperParams
 from meg_harness.meg.model import MegEdited, MegModel
-from meg_harness.meg.train_generator import continue_shorter_run, train_generator
+from meg_harness.meg.train_generator import LENGTH_SETTINGS, continue_shorter_run, train_generator
 from meg_harness.models.adapters import get_adapter
 from meg_harness.models.loading import model_fingerprint
 
 GENERATOR_CACHE_VERSION = "meg-generator/v1"
 # Training settings added after the cache format was fixed: they enter the cache key only when they differ
 # from these (their defaults), so generators cached before them stay valid.
-TRAIN_SETTINGS_ADDED_LATER = {"cond_noise": 0.0}
+TRAIN_SETTINGS_ADDED_LATER = {"cond_noise": 0.0, "lr_decay_steps": 0}
 
 
 def _tensor_digest(*tensors: torch.Tensor) -> str:
@@ -218,7 +218,7 @@ class MegEditor(Editor):
             and not (k in TRAIN_SETTINGS_ADDED_LATER and v == TRAIN_SETTINGS_ADDED_LATER[k])
         }
         key = content_hash(*shape, train)
-        lineage = content_hash(*shape, {k: v for k, v in train.items() if k != "max_steps"})
+        lineage = content_hash(*shape, {k: v for k, v in train.items() if k not in LENGTH_SETTINGS})
         folder = Path(self.cache_dir or default_cache_dir()) / "generators" / key[:32]
         continue_shorter_run(folder, lineage, hp.train)
         generator = build_generator(config, seed=hp.train.seed).to(device)

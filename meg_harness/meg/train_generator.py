@@ -1,13 +1,13 @@
 """Training MeG's weight generator on (encoded edit prompt -> collected neuron) pairs (paper 4.1 c.2, A.3).
 
-AdamW at a fixed lr (1e-4), the v-prediction loss on per-dimension normalised targets, an EMA of the
-weights (diffusers' :class:`~diffusers.training_utils.EMAModel`), mixed precision and multi-process data
-parallelism through :class:`accelerate.Accelerator`: ``accelerate launch --num_processes N -m
-meg_harness.meg.train_generator`` runs the same loop DDP, as the official code's ``accelerate launch
---multi_gpu``. Every ``eval_every`` steps the EMA generator samples every training condition by DDIM and
-the paper's success criterion is checked: mean + std of the per-edit L2 distance between generated and
-target (normalised) vectors below ``success_l2`` (0.5). Checkpoints (generator, EMA, optimiser, step, RNG)
-are written atomically and resumed from.
+AdamW at a fixed lr (1e-4; optionally lowered linearly to 0 over the last ``lr_decay_steps``), the
+v-prediction loss on per-dimension normalised targets, an EMA of the weights (diffusers'
+:class:`~diffusers.training_utils.EMAModel`), mixed precision and multi-process data parallelism through
+:class:`accelerate.Accelerator`: ``accelerate launch --num_processes N -m meg_harness.meg.train_generator``
+runs the same loop DDP, as the official code's ``accelerate launch --multi_gpu``. Every ``eval_every`` steps
+the EMA generator samples every training condition by DDIM and the paper's success criterion is checked: mean
++ std of the per-edit L2 distance between generated and target (normalised) vectors below ``success_l2``
+(0.5). Checkpoints (generator, EMA, optimiser, step, RNG) are written atomically and resumed from.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from meg_harness.settings import require_non_negative, require_positive_ints, se
 CHECKPOINT = "checkpoint.pt"
 LINEAGE = "lineage.json"
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# The settings that only say how long training runs; a run's lineage is everything else.
+LENGTH_SETTINGS = ("max_steps", "lr_decay_steps")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,9 @@ class TrainConfig:
     ``max_minutes`` caps wall time (a run stopped by it is not bit-reproducible); ``eval_every`` and
     ``checkpoint_every`` are in steps. ``cond_noise`` (not in the paper; 0 = off) adds Gaussian noise to each
     training condition, its norm about ``cond_noise`` times the conditions' mean norm, so that the generator
-    treats the neighbourhood of an edit prompt's embedding (its paraphrases) as that edit."""
+    treats the neighbourhood of an edit prompt's embedding (its paraphrases) as that edit.
+    ``lr_decay_steps`` (not in the paper; 0 = the paper's constant lr) lowers the lr linearly to 0 over the
+    last that many steps, so that the generator settles into the training pairs (:func:`learning_rate`)."""
 
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -59,6 +63,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     seed: int = 0
     cond_noise: float = 0.0
+    lr_decay_steps: int = 0
 
     def __post_init__(self) -> None:
         require_positive_ints(
@@ -69,7 +74,13 @@ class TrainConfig:
                 f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}",
                 field="mixed_precision",
             )
-        require_non_negative(self, ("cond_noise",))
+        require_non_negative(self, ("cond_noise", "lr_decay_steps"))
+        if isinstance(self.lr_decay_steps, float) or self.lr_decay_steps > self.max_steps:
+            raise HarnessError(
+                f"lr_decay_steps must be an integer <= max_steps ({self.max_steps}), "
+                f"got {self.lr_decay_steps!r}",
+                field="lr_decay_steps",
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise HarnessError(f"ema_decay must be in [0, 1), got {self.ema_decay}", field="ema_decay")
 
@@ -79,6 +90,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def constant_lr_steps(self) -> int:
+        """How many steps run at the constant ``lr`` before the decay begins."""
+        return self.max_steps - self.lr_decay_steps
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The lr of (0-based) optimiser step ``step``: ``config.lr`` until the last ``lr_decay_steps`` steps,
+    then linearly lower, reaching ``lr / lr_decay_steps`` at the last step."""
+    if step < config.constant_lr_steps:
+        return config.lr
+    return config.lr * (config.max_steps - step) / config.lr_decay_steps
 
 
 @dataclass
@@ -113,31 +137,36 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def continue_shorter_run(folder: str | os.PathLike, lineage: str, config: TrainConfig) -> int:
     """Seed the checkpoint folder ``folder`` from the longest run of the same ``lineage`` beside it.
 
-    A lineage is a caller's hash of everything that shapes training except ``max_steps`` (pairs, generator,
-    schedule, the other settings). When ``folder`` has no checkpoint, the sibling folder of the same lineage
-    whose checkpoint went furthest without passing ``config.max_steps`` is copied in; it must have stopped at
-    an evaluation step (or on success), so continuing it is bit-identical to an uninterrupted run. Raising
-    ``train.max_steps`` then trains only the extra steps. Tags ``folder`` with ``lineage`` and returns the
-    step it continues from (0: none).
+    A lineage is a caller's hash of everything that shapes training except the :data:`LENGTH_SETTINGS`
+    (pairs, generator, schedule, the other settings). When ``folder`` has no checkpoint, the sibling folder of
+    the same lineage whose checkpoint went furthest while both runs were still at the constant lr (so within
+    ``config.max_steps``) is copied in; it must have stopped at an evaluation step (or on success), so
+    continuing it is bit-identical to an uninterrupted run. Raising ``train.max_steps``, or adding an lr
+    decay after a constant-lr run, then trains only the extra steps. Tags ``folder`` with ``lineage`` and
+    its constant-lr span, and returns the step it continues from (0: none).
     """
     import shutil
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / LINEAGE).write_text(json.dumps({"lineage": lineage}) + "\n")
+    constant = config.constant_lr_steps if config.lr_decay_steps else None  # None: constant throughout
+    tag = {"lineage": lineage, "constant_lr_steps": constant}
+    (folder / LINEAGE).write_text(json.dumps(tag) + "\n")
     if (folder / CHECKPOINT).is_file():
         return 0
     best_steps, best_path = 0, None
-    for tag in folder.parent.glob(f"*/{LINEAGE}"):
-        checkpoint = tag.parent / CHECKPOINT
-        if tag.parent == folder or not checkpoint.is_file():
+    for sibling_tag in folder.parent.glob(f"*/{LINEAGE}"):
+        checkpoint = sibling_tag.parent / CHECKPOINT
+        if sibling_tag.parent == folder or not checkpoint.is_file():
             continue
-        if json.loads(tag.read_text()).get("lineage") != lineage:
+        sibling = json.loads(sibling_tag.read_text())
+        if sibling.get("lineage") != lineage:
             continue
         result = torch.load(checkpoint, map_location="cpu", weights_only=False)["result"]
         steps = result["steps"]
+        shared = min(config.constant_lr_steps, sibling.get("constant_lr_steps") or config.max_steps)
         resumable = result["success"] or steps % config.eval_every == 0
-        if resumable and best_steps < steps <= config.max_steps:
+        if resumable and best_steps < steps <= shared:
             best_steps, best_path = steps, checkpoint
     if best_path is not None:
         tmp = folder / f".{CHECKPOINT}.{os.getpid()}.tmp"
@@ -217,6 +246,8 @@ def train_generator(
             loss = v_prediction_loss(model, targets[index], condition, scheduler, generator_rng)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, result.steps)
         optimizer.step()
         ema.step(accelerator.unwrap_model(model).parameters())
         result.steps += 1
