@@ -20,11 +20,11 @@ from meg_harness.meg.train_generator import (
 
 SMALL_DIT = {"kind": "dit", "patch_size": 10, "hidden": 32, "depth": 2, "heads": 2}
 SMALL_MLP = {"kind": "mlp", "hidden": 64, "depth": 2}
-# fast memorisation of a few pairs (no EMA warm-up, no early success)
 # short checkpointed runs (never an early success) for the resume tests
 CHECKPOINTED = dict(
     lr=1e-3, batch_size=8, eval_every=10, eval_ddim_steps=5, checkpoint_every=10, success_l2=0.0
 )
+# fast memorisation of a few pairs (no EMA warm-up, no early success)
 MEMORISE = dict(lr=3e-3, batch_size=64, eval_ddim_steps=20, ema_decay=0.9, ema_warmup=False, success_l2=0.0)
 
 
@@ -144,89 +144,56 @@ def test_condition_noise_brings_samples_for_nearby_conditions_to_the_pair_target
         TrainConfig(cond_noise=-0.1)
 
 
-def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
+def _train_checkpointed(folder, max_steps, lr_decay_steps=0, lineage=None):
+    """A short run of the small MLP on :func:`_pairs`, checkpointed in ``folder`` (None: not); with
+    ``lineage``, the folder is first seeded by :func:`continue_shorter_run` as the editor does."""
     cond, targets = _pairs()
     config = GeneratorConfig.from_mapping(SMALL_MLP, vector_dim=21, cond_dim=6)
-    diffusion = DiffusionConfig(ddim_steps=5)
-    whole, _ = train_generator(
+    settings = TrainConfig(max_steps=max_steps, lr_decay_steps=lr_decay_steps, **CHECKPOINTED)
+    if lineage is not None:
+        continue_shorter_run(folder, lineage, settings)
+    return train_generator(
         build_generator(config),
         cond,
         targets,
-        diffusion,
-        TrainConfig(max_steps=30, **CHECKPOINTED),
-        progress=False,
-    )
-    folder = tmp_path / "ckpt"
-    train_generator(
-        build_generator(config),
-        cond,
-        targets,
-        diffusion,
-        TrainConfig(max_steps=20, **CHECKPOINTED),
+        DiffusionConfig(ddim_steps=5),
+        settings,
         checkpoint_dir=folder,
         progress=False,
     )
-    resumed, result = train_generator(
-        build_generator(config),
-        cond,
-        targets,
-        diffusion,
-        TrainConfig(max_steps=30, **CHECKPOINTED),
-        checkpoint_dir=folder,
-        progress=False,
-    )
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
+    whole, _ = _train_checkpointed(None, 30)
+    _train_checkpointed(tmp_path / "ckpt", 20)
+    resumed, result = _train_checkpointed(tmp_path / "ckpt", 30)
     assert result.resumed_from == 20 and result.steps == 30
-    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), name
+    _assert_same_weights(whole, resumed)
 
 
 def test_raising_max_steps_continues_the_longest_shorter_run_of_the_same_lineage(tmp_path):
-    cond, targets = _pairs()
-    config = GeneratorConfig.from_mapping(SMALL_MLP, vector_dim=21, cond_dim=6)
-    diffusion = DiffusionConfig(ddim_steps=5)
-
-    def train(folder, max_steps):
-        return train_generator(
-            build_generator(config),
-            cond,
-            targets,
-            diffusion,
-            TrainConfig(max_steps=max_steps, **CHECKPOINTED),
-            checkpoint_dir=folder,
-            progress=False,
-        )
-
-    whole, _ = train(None, 30)
+    whole, _ = _train_checkpointed(None, 30)
     assert continue_shorter_run(tmp_path / "short", "L", TrainConfig(max_steps=20, **CHECKPOINTED)) == 0
-    train(tmp_path / "short", 20)
+    _train_checkpointed(tmp_path / "short", 20)
     assert continue_shorter_run(tmp_path / "other", "M", TrainConfig(max_steps=30, **CHECKPOINTED)) == 0
     assert continue_shorter_run(tmp_path / "shorter", "L", TrainConfig(max_steps=15, **CHECKPOINTED)) == 0
     assert continue_shorter_run(tmp_path / "long", "L", TrainConfig(max_steps=30, **CHECKPOINTED)) == 20
-    continued, result = train(tmp_path / "long", 30)
+    continued, result = _train_checkpointed(tmp_path / "long", 30)
     assert result.resumed_from == 20 and result.steps == 30
-    for (name, a), (_, b) in zip(whole.state_dict().items(), continued.state_dict().items()):
-        assert torch.equal(a, b), name
+    _assert_same_weights(whole, continued)
 
 
 def test_an_lr_decay_continues_the_constant_lr_run_and_is_not_continued_past_its_constant_span(tmp_path):
-    cond, targets = _pairs()
-    config = GeneratorConfig.from_mapping(SMALL_MLP, vector_dim=21, cond_dim=6)
-    diffusion = DiffusionConfig(ddim_steps=5)
-
-    def train(folder, max_steps, lr_decay_steps=0):
-        settings = TrainConfig(max_steps=max_steps, lr_decay_steps=lr_decay_steps, **CHECKPOINTED)
-        if folder is not None:
-            continue_shorter_run(folder, "L", settings)
-        return train_generator(
-            build_generator(config), cond, targets, diffusion, settings, checkpoint_dir=folder, progress=False
-        )
-
-    whole, _ = train(None, 30, lr_decay_steps=10)
-    train(tmp_path / "constant20", 20)
-    continued, result = train(tmp_path / "decayed30", 30, lr_decay_steps=10)
+    whole, _ = _train_checkpointed(None, 30, lr_decay_steps=10)
+    _train_checkpointed(tmp_path / "constant20", 20, lineage="L")
+    continued, result = _train_checkpointed(tmp_path / "decayed30", 30, lr_decay_steps=10, lineage="L")
     assert result.resumed_from == 20 and result.steps == 30
-    for (name, a), (_, b) in zip(whole.state_dict().items(), continued.state_dict().items()):
-        assert torch.equal(a, b), name
+    _assert_same_weights(whole, continued)
     # the decayed run's checkpoint (step 30) is past its constant span (20): a longer constant run restarts
     # from the constant run's step 20, and a decay from step 10 shares only 10 constant steps with either
     assert continue_shorter_run(tmp_path / "constant40", "L", TrainConfig(max_steps=40, **CHECKPOINTED)) == 20
