@@ -38,7 +38,9 @@ def demo_config(model: str, methods: Sequence[str], scales: Sequence[int] | None
     unknown = [m for m in methods if m not in data["methods"]]
     if unknown:
         known = ", ".join(data["methods"])
-        raise HarnessError(f"the demo has no settings for {unknown}; it runs {known}", field="methods")
+        raise HarnessError(
+            f"the demo has no settings for {unknown}; it runs {known}", file=str(source), field="methods"
+        )
     data["model"], data["methods"] = model, list(methods)
     data["hparams"] = {m: h for m, h in data["hparams"].items() if m in methods}
     if scales:
@@ -49,6 +51,7 @@ def demo_config(model: str, methods: Sequence[str], scales: Sequence[int] | None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from meg_harness.lock import output_lock
     from meg_harness.report.leaderboard import leaderboard
     from meg_harness.report.tables import write_tables
     from meg_harness.runner import run_experiment
@@ -56,10 +59,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out = Path(args.out)
     config = demo_config(args.model, args.methods, args.scales)
-    run_experiment(config, out, config_source="demo")
-    board = leaderboard(out, "md")
-    (out / "leaderboard.md").write_text(board, encoding="utf-8")
-    written = write_tables(out, out / "tables")  # the paper's layouts; the Score-vs-scale figure among them
+    with output_lock(out):  # the reports too: no second process writes into out meanwhile
+        run_experiment(config, out, config_source="demo")
+        board = leaderboard(out, "md")
+        (out / "leaderboard.md").write_text(board, encoding="utf-8")
+        written = write_tables(out, out / "tables")  # the paper's layouts; the Score-vs-scale figure
     print(board)
     for path in written:
         if path.suffix == ".png":

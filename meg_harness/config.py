@@ -2,21 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from meg_harness.errors import HarnessError
-from meg_harness.settings import read_hparams_file, with_base
+from meg_harness.settings import (
+    POSITIVE,
+    Rule,
+    Settings,
+    one_of,
+    read_hparams_file,
+    settings_from_mapping,
+    with_base,
+)
 
 DATASETS = ("zsre", "counterfact", "mquake", "unke")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def _scales_ok(n_edits: Any) -> bool:
+    scales = n_edits if isinstance(n_edits, list) else [n_edits]
+    return bool(scales) and len(set(scales)) == len(scales) and all(n is None or n > 0 for n in scales)
+
+
+def _distinct(values: list) -> bool:
+    return bool(values) and len(set(values)) == len(values)
+
+
 @dataclass
-class RunConfig:
+class RunConfig(Settings):
     """One experiment. Keys keep their meaning once landed; see DESIGN.md (CLI contract)."""
 
     model: str = "smollm2-135m"
@@ -36,6 +54,22 @@ class RunConfig:
     one_per_subject: bool = True
     cache_dir: str | None = None
 
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        "dataset": one_of(*DATASETS),
+        "n_edits": Rule("a positive integer, null, or a list of distinct positive integers", _scales_ok),
+        "range": Rule("[start, end) with 0 <= start < end", lambda r: 0 <= r[0] < r[1]),
+        "seeds": Rule("a non-empty list of distinct integers", _distinct),
+        "methods": Rule("a non-empty list of distinct method names", _distinct),
+        "dtype": one_of(*DTYPES),
+        "batch_size": POSITIVE,
+        "zsre_target": one_of("answers", "alt"),
+    }
+
+    def check(self) -> None:
+        for method in self.hparams:
+            if method not in self.methods:
+                raise HarnessError(f"hparams given for {method!r}, which is not in methods", field="hparams")
+
     def scales(self) -> list[RunConfig]:
         """One config per edit scale (itself when ``n_edits`` is not a list)."""
         if not isinstance(self.n_edits, list):
@@ -48,110 +82,21 @@ class RunConfig:
         return data
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "model": (str,),
-    "dataset": (str,),
-    "data_path": (str, type(None)),
-    "n_edits": (int, list, type(None)),
-    "range": (list, type(None)),
-    "seeds": (list, int),
-    "methods": (list, str),
-    "hparams": (dict, type(None)),
-    "device": (str,),
-    "dtype": (str,),
-    "template": (str, type(None)),
-    "batch_size": (int,),
-    "zsre_target": (str,),
-    "filter_known": (bool,),
-    "one_per_subject": (bool,),
-    "cache_dir": (str, type(None)),
-}
-
-
 def parse_config(data: Any, source: str = "<config>") -> RunConfig:
-    """Validate a mapping into a RunConfig; every problem names the file and the key."""
+    """Validate a mapping into a RunConfig; every problem names the file and the key. A single seed or
+    method may be given without a list; ``hparams: null`` is no hparams."""
     if not isinstance(data, dict):
         raise HarnessError("a run config must be a YAML mapping of keys to values", file=source)
-    known = {f.name for f in fields(RunConfig)}
-    for key in data:
-        if key not in known:
-            raise HarnessError(
-                f"unknown config key; known keys: {', '.join(sorted(known))}", file=source, field=key
-            )
-    for key, value in data.items():
-        allowed = _TYPES[key]
-        if isinstance(value, bool) and bool not in allowed:
-            allowed_ok = False
-        else:
-            allowed_ok = isinstance(value, allowed)
-        if not allowed_ok:
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise HarnessError(
-                f"expected {names}, got {type(value).__name__} {value!r}", file=source, field=key
-            )
     values = dict(data)
-    if isinstance(values.get("seeds"), int):
-        values["seeds"] = [values["seeds"]]
-    if isinstance(values.get("methods"), str):
-        values["methods"] = [values["methods"]]
-    values["hparams"] = values.get("hparams") or {}
-    config = RunConfig(**values)
-    _check_values(config, source)
-    return config
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _check_values(config: RunConfig, source: str) -> None:
-    if config.dataset not in DATASETS:
-        raise HarnessError(
-            f"unknown dataset {config.dataset!r}; use one of {', '.join(DATASETS)}",
-            file=source,
-            field="dataset",
-        )
-    if config.dtype not in DTYPES:
-        raise HarnessError(
-            f"unknown dtype {config.dtype!r}; use one of {', '.join(DTYPES)}", file=source, field="dtype"
-        )
-    scales = config.n_edits if isinstance(config.n_edits, list) else [config.n_edits]
-    if (
-        not scales
-        or not all(n is None or _positive_int(n) for n in scales)
-        or len(set(scales)) != len(scales)
-    ):
-        raise HarnessError(
-            "n_edits must be a positive integer, null, or a list of distinct positive integers",
-            file=source,
-            field="n_edits",
-        )
-    if config.range is not None:
-        if len(config.range) != 2 or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in config.range
-        ):
-            raise HarnessError("range must be [start, end) with two integers", file=source, field="range")
-        start, end = config.range
-        if not 0 <= start < end:
-            raise HarnessError(f"range [{start}, {end}) is empty or negative", file=source, field="range")
-        config.range = (start, end)
-    if not config.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in config.seeds):
-        raise HarnessError("seeds must be a non-empty list of integers", file=source, field="seeds")
-    if len(set(config.seeds)) != len(config.seeds):
-        raise HarnessError("seeds must be distinct", file=source, field="seeds")
-    if not config.methods or not all(isinstance(m, str) for m in config.methods):
-        raise HarnessError("methods must be a non-empty list of method names", file=source, field="methods")
-    if len(set(config.methods)) != len(config.methods):
-        raise HarnessError("methods must be distinct", file=source, field="methods")
-    if config.zsre_target not in ("answers", "alt"):
-        raise HarnessError("zsre_target must be 'answers' or 'alt'", file=source, field="zsre_target")
-    if config.batch_size <= 0:
-        raise HarnessError("batch_size must be positive", file=source, field="batch_size")
-    for method in config.hparams:
-        if method not in config.methods:
-            raise HarnessError(
-                f"hparams given for {method!r}, which is not in methods", file=source, field="hparams"
-            )
+    for key, wrap in (("seeds", int), ("methods", str)):
+        if isinstance(values.get(key), wrap) and not isinstance(values[key], bool):
+            values[key] = [values[key]]
+    if "hparams" in values and values["hparams"] is None:
+        values["hparams"] = {}
+    try:
+        return settings_from_mapping(RunConfig, values, "config key")
+    except HarnessError as error:
+        raise HarnessError(error.reason, file=source, field=error.field) from None
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -159,8 +104,10 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
         raise HarnessError(f"cannot read the run config: {error.strerror or error}", file=path) from None
+    except UnicodeDecodeError:
+        raise HarnessError("cannot read the run config: not a UTF-8 text file", file=path) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -180,4 +127,6 @@ def load_hparams(value: Any, method: str, source: str) -> dict[str, Any]:
     try:
         return with_base(value) if isinstance(value, dict) else read_hparams_file(value)
     except HarnessError as error:
-        raise HarnessError(error.reason, file=error.file or source, field=f"hparams.{method}") from None
+        # an hparams file's own key keeps its name (``base``); otherwise the run config's entry is named
+        field = error.field if error.file and error.field else f"hparams.{method}"
+        raise HarnessError(error.reason, file=error.file or source, field=field) from None

@@ -8,6 +8,7 @@ is not recomputed; each one is written into a temporary folder and renamed when 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -15,9 +16,9 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,11 +36,14 @@ from meg_harness.evaluate.scoring import Probe, greedy_answers
 from meg_harness.evaluate.templates import get_template
 from meg_harness.lm_eval_plugin.export import ARTIFACT_FILE as CASES_FILE
 from meg_harness.lm_eval_plugin.export import write_cases_file
+from meg_harness.lock import output_lock
 from meg_harness.models import get_adapter, load_model, model_fingerprint
 from meg_harness.provenance import git_sha, peak_rss_mb, versions
-from meg_harness.settings import BASE_KEY, flatten, with_base
+from meg_harness.settings import BASE_KEY, flatten, key_origin, with_base
 
 Log = Callable[[str], None]
+T = TypeVar("T")
+HPARAMS_ROOT = Path(__file__).resolve().parent.parent / "hparams"  # the shipped files (a source checkout)
 
 
 def seed_everything(seed: int) -> None:
@@ -53,7 +57,13 @@ def run_experiment(
 ) -> dict:
     """Run every method and seed of ``config`` into ``out``; returns {method: averaged metrics}.
 
-    With ``n_edits`` a list, each scale is a run of its own in ``out/n<N>``; returns {N: {method: ...}}."""
+    With ``n_edits`` a list, each scale is a run of its own in ``out/n<N>``; returns {N: {method: ...}}.
+    ``out`` is locked for the run: a second process on it is refused (:func:`output_lock`)."""
+    with output_lock(out):
+        return _run_experiment(config, Path(out), config_source=config_source, log=log)
+
+
+def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Log) -> dict:
     if isinstance(config.n_edits, list):
         results = {}
         for scaled in config.scales():
@@ -63,31 +73,42 @@ def run_experiment(
             )
         return results
     out = Path(out)
-    # unknown method: fail before work; "meg@no-fn" is a labelled variant of "meg" (own hparams and folder)
-    editor_classes = {m: get_editor_class(m.partition("@")[0]) for m in config.methods}
-    hparams = {m: load_hparams(config.hparams.get(m), m, config_source) for m in config.methods}
-    for method in config.methods:  # bad hparams fail now, not after the methods before them have run
-        _check_hparams(editor_classes[method], hparams[method], method, config_source)
-    all_cases = load_cases(
-        config.dataset, config.data_path, zsre_target=config.zsre_target, cache_dir=config.cache_dir
-    )
+    # Every method's hparams are validated before any work: "meg@no-fn" is a labelled variant of "meg"
+    # (own hparams and folder); a method without hparams takes its file for the model alias, if one ships.
+    with _in_config(config_source, "methods"):
+        editor_classes = {m: get_editor_class(m.partition("@")[0]) for m in config.methods}
+    sources = {m: _hparams_source(config, m, config_source) for m in config.methods}
+    hparams = {m: load_hparams(sources[m], m, config_source) for m in config.methods}
+    editors = {
+        m: _checked(lambda m=m: editor_classes[m](hparams[m]), m, sources[m], config_source)
+        for m in config.methods
+    }
+    with _in_config(config_source, "data_path"):
+        all_cases = load_cases(
+            config.dataset, config.data_path, zsre_target=config.zsre_target, cache_dir=config.cache_dir
+        )
     _check_previous_run(out, config)
     _check_finished_hparams(out, config, hparams)
     n_first = None if config.filter_known else config.n_edits  # the A.9 filter samples after filtering
-    selected = {
-        seed: select_cases(all_cases, n_first, seed, config.range, config.one_per_subject)
-        for seed in config.seeds
-    }
+    with _in_config(config_source, "n_edits"):
+        selected = {
+            seed: select_cases(all_cases, n_first, seed, config.range, config.one_per_subject)
+            for seed in config.seeds
+        }
 
     log(f"loading model {config.model} ({config.dtype}, {config.device})")
-    model, tokenizer = load_model(
-        config.model, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir
-    )
-    try:
-        adapter = get_adapter(model)
-    except HarnessError as error:
-        raise HarnessError(error.reason, file=config.model, field="model") from None
-    template = get_template(config.template or adapter.default_template(model, tokenizer))
+    with _in_config(config_source, "model"):
+        model, tokenizer = load_model(
+            config.model, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir
+        )
+        try:
+            adapter = get_adapter(model)
+        except HarnessError as error:
+            raise HarnessError(f"model {config.model}: {error.reason}", field="model") from None
+    for method, editor in editors.items():  # layer indices against the model's depth, files the hparams name
+        _checked(lambda editor=editor: editor.preflight(model), method, sources[method], config_source)
+    with _in_config(config_source, "template"):
+        template = get_template(config.template or adapter.default_template(model, tokenizer))
     fingerprint = model_fingerprint(model)
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
     evaluator = Evaluator(tokenizer, template, batch_size=config.batch_size, cache_dir=cache_dir)
@@ -96,7 +117,8 @@ def run_experiment(
     cases_per_seed = {}
     for seed, cases in selected.items():
         if config.filter_known:
-            cases = _keep_unknown(unedited, evaluator, cases, config, seed)
+            with _in_config(config_source, "n_edits"):
+                cases = _keep_unknown(unedited, evaluator, cases, config, seed)
         evaluator.check_inputs(model, cases)
         cases_per_seed[seed] = cases
     # Everything is validated: from here on, results are written.
@@ -141,14 +163,55 @@ def run_experiment(
     return summary
 
 
-def _check_hparams(editor_class: type, hparams: dict, method: str, config_source: str) -> None:
-    """Build the editor once: a bad value is an error naming the run config and ``hparams.<method>.<key>``."""
+@contextlib.contextmanager
+def _in_config(config_source: str, field: str) -> Iterator[None]:
+    """A HarnessError raised inside that names no file is about the run config: it names the config file,
+    and ``field`` when it names no field."""
     try:
-        editor_class(hparams)
+        yield
     except HarnessError as error:
+        if error.file is not None:
+            raise
+        raise HarnessError(
+            error.reason, file=config_source, record=error.record, field=error.field or field
+        ) from None
+
+
+def _checked(check: Callable[[], T], method: str, source: Any, config_source: str) -> T:
+    """``check()``; its HarnessError about an hparams key names where that key is set: the hparams file
+    (and ``section.key``), or the run config (and ``hparams.<method>.<key>``) for an inline mapping."""
+    try:
+        return check()
+    except HarnessError as error:
+        if error.file is not None:  # a file the hparams name (a data file, a base file) is at fault
+            raise
         key = (error.field or "").removeprefix("hparams.")
+        origin = key_origin(source, key) if source is not None else None
+        if origin is not None:
+            raise HarnessError(error.reason, file=origin, field=key or None) from None
         field = f"hparams.{method}" + (f".{key}" if key else "")
-        raise HarnessError(error.reason, file=error.file or config_source, field=field) from None
+        raise HarnessError(error.reason, file=config_source, field=field) from None
+
+
+def _hparams_source(config: RunConfig, method: str, config_source: str) -> Any:
+    """What ``hparams.<method>`` gives (a YAML path or a mapping); for a method given none, the shipped
+    ``hparams/<METHOD>/<model>.yaml`` of the model alias, else an error (a class's defaults are one
+    model's settings, e.g. GPT-J's layers, and must not be used silently on another)."""
+    value = config.hparams.get(method)
+    base = method.partition("@")[0]
+    if value is not None or base == "none":
+        return value
+    name = f"{config.model.lower()}.yaml"
+    folders = [d for d in HPARAMS_ROOT.iterdir() if d.name.lower() == base] if HPARAMS_ROOT.is_dir() else []
+    for folder in folders:
+        if "/" not in config.model and (folder / name).is_file():
+            return str(folder / name)
+    why = "ship only for model aliases" if "/" in config.model else f"ship none for {config.model!r}"
+    raise HarnessError(
+        f"no hparams for {method}: give a YAML path or a mapping (the default hparams files {why})",
+        file=config_source,
+        field=f"hparams.{method}",
+    )
 
 
 def run_cases(run_dir: Path, seed: int) -> list[EditCase]:
@@ -243,6 +306,9 @@ def _aggregate(method_dir: Path, seeds: list[int]) -> dict:
         averaged[key] = math.fsum(values) / len(values)
         if len(values) > 1:
             averaged[f"{key}_std"] = statistics.stdev(values)
+    if all("ag_prefix" in m for m in per_seed):  # the starts-with rates (not a protocol metric)
+        rates = [m["ag_prefix"] for m in per_seed]
+        averaged["ag_prefix"] = {k: math.fsum(r[k] for r in rates) / len(rates) for k in rates[0]}
     averaged.update(
         method=first["method"],
         seeds=seeds,

@@ -18,6 +18,7 @@ from meg_harness.baselines.malmen import MALMEN
 from meg_harness.baselines.malmen_net import RunningNorm, ridge_update
 from meg_harness.baselines.malmen_train import MalmenHParams, answer_ids, meta_eval, meta_train
 from meg_harness.baselines.params import from_mapping
+from meg_harness.budget import TrainingStopped
 from meg_harness.data.edit_case import EditCase, LocalityProbe
 from meg_harness.editing.registry import get_editor_class
 from meg_harness.errors import HarnessError
@@ -363,19 +364,25 @@ def test_resume_after_interruption_equals_uninterrupted_training(tmp_path, monke
     assert all(torch.equal(v, _state(again.net)[k]) for k, v in a.items())
 
 
-def test_time_budget_stops_training_and_the_next_call_resumes(tmp_path):
+def test_time_limit_stops_without_a_result_and_the_next_call_finishes_the_same_run(tmp_path):
     model, tok = deep_model("gpt2")
-    first = _train(model, tok, tmp_path, max_minutes=1e-9)  # spent after the first step
-    assert first.state["step"] == 1 and not first.state["done"]
-    again = _train(model, tok, tmp_path, max_minutes=1e-9)  # the budget counts over calls: no more steps
-    assert again.state["step"] == 1
-    rest = _train(model, tok, tmp_path)  # same cache entry: max_minutes is not part of its key
+    whole = _train(model, tok, tmp_path / "whole")
+    with pytest.raises(TrainingStopped, match=r"max_minutes=1e-09 after step 1 of 8 .*from step 1"):
+        _train(model, tok, tmp_path / "b", max_minutes=1e-9)  # a limit, not a budget: no partial result
+    saved = json.loads(next((tmp_path / "b").glob("malmen/*/state.json")).read_text())
+    assert saved["step"] == 1 and not saved["done"]
+    with pytest.raises(TrainingStopped, match="after step 2 of 8"):  # each call is limited on its own
+        _train(model, tok, tmp_path / "b", max_minutes=1e-9)
+    rest = _train(model, tok, tmp_path / "b", max_minutes=60)  # same cache entry: max_minutes is not hashed
     assert rest.state["step"] == 8 and rest.state["done"]
     assert [h["step"] for h in rest.state["history"]] == list(range(1, 9))
+    assert rest.state["history"] == whole.state["history"]
+    a, b = _state(whole.net), _state(rest.net)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the result is the steps', not the clock's
 
 
-def test_time_budget_never_starts_a_step_that_would_end_past_it(tmp_path, monkeypatch):
-    """Steps of 60 s (a fake clock), a 150 s budget: two steps (120 s), not a third ending at 180 s."""
+def test_time_limit_never_starts_a_step_that_would_end_past_it(tmp_path, monkeypatch):
+    """Steps of 60 s (a fake clock), a 150 s limit: two steps (120 s), not a third ending at 180 s."""
     clock = [0.0]
     monkeypatch.setattr(malmen_train.time, "monotonic", lambda: clock[0])
 
@@ -385,8 +392,10 @@ def test_time_budget_never_starts_a_step_that_would_end_past_it(tmp_path, monkey
 
     monkeypatch.setattr(malmen_train, "meta_step", one_minute_step)
     model, tok = deep_model("gpt2")
-    result = _train(model, tok, tmp_path, max_minutes=2.5)
-    assert result.state["step"] == 2 and result.state["elapsed_s"] == 120.0
+    with pytest.raises(TrainingStopped, match="after step 2 of 8"):
+        _train(model, tok, tmp_path, max_minutes=2.5)
+    saved = json.loads(next(tmp_path.glob("malmen/*/state.json")).read_text())
+    assert saved["step"] == 2 and saved["elapsed_s"] == 120.0
 
 
 # -- the editor ---------------------------------------------------------------------------------------------

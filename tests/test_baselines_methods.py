@@ -182,9 +182,9 @@ def test_subject_last_token_is_located_inside_the_templated_prompt():
 
 
 def test_bad_hparams_are_reported():
-    with pytest.raises(HarnessError, match="ffn_target 'attn' is not one of delta, observed, block"):
+    with pytest.raises(HarnessError, match="'ffn_target': must be one of delta, observed, block, got 'attn'"):
         editor("pmet", ffn_target="attn")
-    with pytest.raises(HarnessError, match="residual_at 'attn' is not one of ffn, layer"):
+    with pytest.raises(HarnessError, match="'residual_at': must be one of ffn, layer, got 'attn'"):
         editor("pmet", residual_at="attn")
     with pytest.raises(HarnessError, match="unknown memit hparam"):
         get_editor_class("memit")({"layerz": [1]})
@@ -388,7 +388,7 @@ def test_ft_layer_cached_nll_and_gradients_equal_the_full_forwards(arch):
     from meg_harness.models.layer_cache import LayerCachedLM
 
     model, tok = deep_model(arch)
-    examples = _examples(tok, CASES, TEMPLATE)
+    examples = _examples(tok, CASES, TEMPLATE, terminator=False)
     lm = LayerCachedLM(model, 2)
     states = lm.layer_inputs_per_row([seq for seq, _ in examples], tok.pad_token_id, batch_size=3)
     weight = next(get_adapter(model).layers(model)[2].mlp.parameters())

@@ -58,7 +58,7 @@ def deep_model(arch: str = "gpt2", layers: int = 4, seed: int = 0):
 @torch.no_grad()
 def nll(model, tok, cases=CASES) -> torch.Tensor:
     """Mean NLL of each case's target tokens after its templated prompt."""
-    return target_nll(model, tok, _examples(tok, cases, TEMPLATE))
+    return target_nll(model, tok, _examples(tok, cases, TEMPLATE, terminator=False))
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

@@ -128,7 +128,7 @@ def test_bad_alg_name_names_file_and_field(tmp_path):
     typo.write_text("alg_name: FT\nlayerz: [1]\n")
     with pytest.raises(HarnessError) as error:
         HyperParams.from_hparams(typo)
-    assert error.value.field == "hparams.layerz" and error.value.file == str(typo)
+    assert error.value.field == "layerz" and error.value.file == str(typo)
 
 
 # -- requests ---------------------------------------------------------------------------------------------

@@ -62,3 +62,26 @@ def test_runs_on_different_edit_ranges_are_grouped_apart(tmp_path):
     dev, reserved = md.split("### ")[1:]
     assert "| a | 90.00 |" in dev and "55.00" not in dev
     assert "| a | 50.00 |" in reserved and "78.50" not in reserved
+
+
+def test_starts_with_rates_beside_the_protocol_from_the_average_or_the_seed_files(tmp_path):
+    _write(tmp_path, "a", [20, 70, 5, 30, 3, 70, 10.0])
+    averaged = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    averaged["ag_prefix"] = {"edit": 78.5, "rephrase": 41.0}
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps(averaged))
+    _write(tmp_path, "b", [30, 70, 5, 30, 3, 70, 12.0])  # an older run: rates in its seed files only
+    for seed, rates in ((0, {"edit": 50.0, "rephrase": 20.0}), (1, {"edit": 60.0, "rephrase": 30.0})):
+        (tmp_path / "b" / f"seed{seed}").mkdir()
+        (tmp_path / "b" / f"seed{seed}" / "metrics.json").write_text(json.dumps({"ag_prefix": rates}))
+    _write(tmp_path, "c", [40, 70, 5, 30, 3, 70, 14.0])  # none recorded
+    rows = collect_rows(tmp_path)
+    md = render(rows, "md")
+    assert "| Score | Rel AG starts-with | Gen AG starts-with |" in md
+    line = {m: next(x for x in md.splitlines() if x.startswith(f"| {m} |")) for m in "abc"}
+    assert line["a"].endswith("| 10.00 | 78.50 | 41.00 |")
+    assert line["b"].endswith("| 12.00 | 55.00 | 25.00 |")
+    assert line["c"].endswith("| **14.00** | – | – |")  # the starts-with rates are never bold
+    assert "the rule of the paper's baseline code" in md
+    csv_text = render(rows, "csv")
+    assert csv_text.splitlines()[0].endswith(",reliability_ag_starts_with,generality_ag_starts_with")
+    assert [x for x in csv_text.splitlines() if ",a," in x][0].endswith(",78.5000,41.0000")

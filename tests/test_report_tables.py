@@ -39,6 +39,8 @@ def _seed(root: Path, run: str, method: str, seed: int, values, **setting) -> Pa
         counts={"cases": n_edits},
         hparams=setting.get("hparams", {}),
     )
+    if "ag_prefix" in setting:
+        record["ag_prefix"] = setting["ag_prefix"]
     (folder / "metrics.json").write_text(json.dumps(record))
     return folder
 
@@ -71,8 +73,11 @@ def _full_tree(root: Path) -> None:
     for n_edits, shift in ((4, 0.0), (8, -10.0)):
         run = f"cf/n{n_edits}"
         _seed(root, run, "none", 0, [0, 2, 0, 3, 100, 100, 0], n_edits=n_edits)
-        _seed(root, run, "meg", 0, [90, 91, 50, 55, 80, 90, 60 + shift], n_edits=n_edits, hparams=MEG_HPARAMS)
-        _seed(root, run, "meg", 1, [94, 95, 54, 59, 84, 94, 64 + shift], n_edits=n_edits, hparams=MEG_HPARAMS)
+        starts = [{"edit": 92.0, "rephrase": 52.0}, {"edit": 96.0, "rephrase": 60.0}]
+        _seed(root, run, "meg", 0, [90, 91, 50, 55, 80, 90, 60 + shift], n_edits=n_edits, hparams=MEG_HPARAMS,
+              ag_prefix=starts[0])
+        _seed(root, run, "meg", 1, [94, 95, 54, 59, 84, 94, 64 + shift], n_edits=n_edits, hparams=MEG_HPARAMS,
+              ag_prefix=starts[1])
         _seed(root, run, "memit", 0, [70, 80, 30, 40, 20, 50, 35 + shift], n_edits=n_edits)
     variant = {"base": "hparams/MEG/x.yaml", "familiarity": {"threshold": 0.3}}
     _seed(root, "cf/n4", "meg@eps0.3", 0, [90, 91, 55, 60, 70, 85, 58], hparams=variant)
@@ -88,7 +93,12 @@ def test_editing_table_mean_std_best_and_no_paper_numbers_for_our_model(tmp_path
     _full_tree(tmp_path)
     write_tables(tmp_path, tmp_path / "out")
     text = (tmp_path / "out" / "editing_counterfact_smollm2-135m_n4.md").read_text()
-    assert "| Method | Rel AG | Rel TF | Gen AG | Gen TF | Loc AG | Loc TF | Score | Seeds |" in text
+    header = "| Method | Rel AG | Rel TF | Gen AG | Gen TF | Loc AG | Loc TF | Score "
+    assert header + "| Rel AG starts-with | Gen AG starts-with | Seeds |" in text
+    # the starts-with rates: mean over seeds, not bold (not a protocol metric); '–' where not recorded
+    assert _table_line(text, "meg").endswith("| 94.00 | 56.00 | 2 |")
+    assert _table_line(text, "memit").endswith("| – | – | 1 |")
+    assert "the rule of the paper's baseline code" in text
     rows = [
         line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| ") and "---" not in line
     ]
@@ -108,7 +118,7 @@ def test_paper_numbers_beside_ours_in_a_matching_setting(tmp_path):
     lines = text.splitlines()
     memit = lines.index(_table_line(text, "memit"))
     assert lines[memit + 1].startswith("| ↳ paper (Table 9) | *96.97* | *98.25* | *69.34* |")
-    assert lines[memit + 1].endswith("| *57.95* | – |")
+    assert lines[memit + 1].endswith("| *57.95* | – | – | – |")  # no starts-with rates, no seeds
     ablation = (tmp_path / "out" / "ablation_meg_zsre_phi-2_n1024.md").read_text()
     assert "| meg@no-fn | familiarity.enabled=false |" in ablation
     assert "| ↳ paper (Table 5: w/o FN) | familiarity.enabled=false | *99.71*" in ablation

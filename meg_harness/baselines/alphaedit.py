@@ -10,7 +10,9 @@ A projector belongs to one model, layer and statistics: it is cached on the edit
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -19,6 +21,7 @@ from meg_harness.baselines.params import LocateHParams
 from meg_harness.baselines.stats import SecondMoment
 from meg_harness.editing.registry import register_method
 from meg_harness.errors import HarnessError
+from meg_harness.settings import NON_NEGATIVE, POSITIVE, Rule
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,12 @@ class AlphaEditHParams(LocateHParams):
 
     nullspace_threshold: float = 2e-2
     L2: float = 10.0
+
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        **LocateHParams.CHECKS,
+        "nullspace_threshold": POSITIVE,
+        "L2": NON_NEGATIVE,
+    }
 
 
 @dataclass(frozen=True)

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from meg_harness.cache import atomic_write_text
 from meg_harness.editing.base import Edited
 from meg_harness.errors import HarnessError
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.tensorfile import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +69,8 @@ class WeightDelta:
         self._originals.clear()
 
     def save(self, path: Path, metadata: dict[str, str] | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            tensors = {k: v.contiguous() for k, v in self.updates.items()}
-            save_file(tensors, tmp, metadata={"format": FORMAT, **(metadata or {})})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the updates atomically; equal updates and metadata give byte-identical files."""
+        save_tensors(self.updates, path, {"format": FORMAT, **(metadata or {})})
 
     @classmethod
     def read(cls, path: Path) -> tuple[WeightDelta, dict[str, str]]:
@@ -110,13 +99,29 @@ class DeltaEdited(Edited):
         self.delta.restore(self.model)
 
 
+def without_timings(value: Any) -> Any:
+    """``value`` without the wall-clock entries (keys ``seconds`` or ending in ``_s``), recursively."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if not _is_timing(k)}
+    if isinstance(value, (list, tuple)):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def _is_timing(key: Any) -> bool:
+    return isinstance(key, str) and (key == "seconds" or key.endswith("_s"))
+
+
 def save_delta_artifact(edited: DeltaEdited, directory: Path, method: str, fingerprint: str | None) -> None:
-    """``directory/delta.safetensors`` + ``directory/edit.json`` (method, changed tensors, diagnostics)."""
+    """``directory/delta.safetensors`` + ``directory/edit.json`` (method, changed tensors, diagnostics).
+
+    Both files depend on the computation only: equal edits give byte-identical artifacts, whether fitted
+    fresh or from caches (timings are left out of ``edit.json``; they are in the run's metrics.json)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"method": method, "base_fingerprint": fingerprint or ""}
     edited.delta.save(directory / DELTA_FILE, meta)
-    info = {**meta, "format": FORMAT, "tensors": sorted(edited.delta.updates), **edited.info}
+    info = {**meta, "format": FORMAT, "tensors": sorted(edited.delta.updates), **without_timings(edited.info)}
     atomic_write_text(directory / INFO_FILE, json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
 
 

@@ -1,6 +1,7 @@
 """FT (paper A.12): fine-tune the FFN of the MeG layer on all edits at once, everything else frozen.
 
-Each edit is one example: the templated prompt followed by ``" " + target_new``; the loss is the mean NLL of
+Each edit is one example: the templated prompt followed by ``" " + target_new`` (+ the template's answer
+terminator with ``terminator: true``); the loss is the mean NLL of
 the target tokens (per example, averaged over the batch). Examples are shuffled each epoch with a seeded
 generator. The frozen layers below the lowest trained layer run once per example (their output is
 cached); every step runs the model from that layer upward. ``norm_constraint`` (optional, ROME's FT-L)
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,23 +24,24 @@ from tqdm.auto import tqdm
 from meg_harness.baselines.delta import DeltaEdited, WeightDelta, load_delta_artifact, save_delta_artifact
 from meg_harness.baselines.locate import resolve_layers
 from meg_harness.baselines.nethook import frozen, model_device
-from meg_harness.baselines.params import from_mapping
+from meg_harness.baselines.params import LAYERS, from_mapping
 from meg_harness.baselines.plan import pad_id
 from meg_harness.data.edit_case import EditCase
 from meg_harness.editing.base import Edited, Editor
 from meg_harness.editing.registry import register_method
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.evaluator import encode_query, encode_target
+from meg_harness.evaluate.evaluator import encode_answer, encode_query
 from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.models.adapters import get_adapter
 from meg_harness.models.layer_cache import LayerCachedLM, right_pad, right_pad_ids
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.settings import NON_NEGATIVE, POSITIVE, Rule, Settings, one_of
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 @dataclass(frozen=True)
-class FTHParams:
+class FTHParams(Settings):
     """Defaults: paper A.12 for GPT-J (layer 9, SGD lr 0.3, 80 epochs, batch 32)."""
 
     layers: tuple[int, ...] = (9,)
@@ -50,26 +52,34 @@ class FTHParams:
     batch_size: int = 32
     weight_decay: float = 0.0
     norm_constraint: float | None = None
+    terminator: bool = False  # train on target + the template's answer terminator (as MeG, MALMEN)
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise HarnessError(f"optimizer must be one of {sorted(OPTIMIZERS)}", field="hparams.optimizer")
-        if self.params not in ("ffn", "ffn_out"):
-            raise HarnessError("params must be 'ffn' or 'ffn_out'", field="hparams.params")
-        if self.epochs <= 0 or self.batch_size <= 0:
-            raise HarnessError("epochs and batch_size must be positive", field="hparams")
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        "layers": LAYERS,
+        "params": one_of("ffn", "ffn_out"),
+        "optimizer": one_of(*OPTIMIZERS),
+        "lr": POSITIVE,
+        "epochs": POSITIVE,
+        "batch_size": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "norm_constraint": NON_NEGATIVE,
+    }
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "layers": list(self.layers)}
 
 
-def _examples(tokenizer, cases: Sequence[EditCase], template: QueryTemplate) -> list[tuple[tuple, int]]:
-    """(query + target ids, query length) per case."""
+def _examples(
+    tokenizer, cases: Sequence[EditCase], template: QueryTemplate, terminator: bool
+) -> list[tuple[tuple, int]]:
+    """(query + answer ids, query length) per case; the answer ends in the template's terminator when
+    ``terminator``."""
     out = []
     for case in cases:
         query = tuple(encode_query(tokenizer, template, case.prompt))
-        out.append((query + encode_target(tokenizer, case.target_new, where=case.source), len(query)))
+        answer = encode_answer(tokenizer, template, case.target_new, terminator=terminator, where=case.source)
+        out.append((query + answer, len(query)))
     return out
 
 
@@ -126,6 +136,9 @@ class FT(Editor):
         self.hp = from_mapping(FTHParams, self.hparams, self.name)
         self._fingerprint: str | None = None
 
+    def preflight(self, model: nn.Module) -> None:
+        resolve_layers(get_adapter(model), model, self.hp.layers)
+
     def trained_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         adapter = get_adapter(model)
         names = {}
@@ -142,9 +155,13 @@ class FT(Editor):
         if not cases:
             raise HarnessError("no edit cases given", field="cases")
         self._fingerprint = model_fingerprint(model)
-        examples = _examples(tokenizer, cases, template)
+        examples = _examples(tokenizer, cases, template, self.hp.terminator)
         params = self.trained_parameters(model)
         originals = {k: p.detach().clone() for k, p in params.items()}
+        # fp32 master weights: the optimiser steps these, never half-precision tensors (Adam's eps underflows
+        # in float16, small steps vanish in bfloat16); the model's parameters get their cast after each step
+        masters = {k: p.detach().float().clone().requires_grad_(True) for k, p in params.items()}
+        bounds = {k: o.float() for k, o in originals.items()}
         generator = torch.Generator().manual_seed(self.hp.seed)
         losses = []
         lm = LayerCachedLM(model, min(resolve_layers(get_adapter(model), model, self.hp.layers)))
@@ -157,7 +174,7 @@ class FT(Editor):
             for p in params.values():
                 p.requires_grad_(True)
             opt = OPTIMIZERS[self.hp.optimizer](
-                list(params.values()), lr=self.hp.lr, weight_decay=self.hp.weight_decay
+                list(masters.values()), lr=self.hp.lr, weight_decay=self.hp.weight_decay
             )
             try:
                 for _ in tqdm(
@@ -174,21 +191,26 @@ class FT(Editor):
                         else:
                             loss = cached_target_nll(lm, [states[i] for i in batch], chosen).mean()
                         loss.backward()
+                        for k, p in params.items():
+                            masters[k].grad, p.grad = None if p.grad is None else p.grad.float(), None
                         opt.step()
                         total += float(loss.detach()) * len(batch)
-                        self._constrain(params, originals)
+                        self._constrain(masters, bounds)
+                        with torch.no_grad():
+                            for k, p in params.items():
+                                p.copy_(masters[k])
                     losses.append(total / len(examples))
             finally:
-                trained = {k: p.detach().clone() for k, p in params.items()}
+                trained = {k: m.detach().clone() for k, m in masters.items()}
                 with torch.no_grad():
                     for k, p in params.items():
                         p.copy_(originals[k])
         delta = WeightDelta()
         for name, new in trained.items():
-            delta.add(model, name, new - originals[name])
+            delta.add(model, name, new - bounds[name])
         return DeltaEdited(model, tokenizer, delta, {"n_edits": len(cases), "epoch_losses": losses})
 
-    def _constrain(self, params: dict[str, nn.Parameter], originals: dict[str, torch.Tensor]) -> None:
+    def _constrain(self, params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor]) -> None:
         eps = self.hp.norm_constraint
         if eps is None:
             return

@@ -41,11 +41,14 @@ def gather(
 def edit_keys(
     model: nn.Module, tokenizer, plans: Sequence[EditPlan], module: str, batch_size: int = 32
 ) -> torch.Tensor:
-    """``[n_edits, d_in]``: ``module``'s input at the subject's last token, mean over an edit's contexts."""
+    """``[n_edits, d_in]``: ``module``'s input at the subject's last token, averaged as MEMIT's compute_ks:
+    first over the contexts of each type (the bare prompt; the generated prefixes), then over the types,
+    so that the bare prompt weighs as much as all prefixes together."""
     rows = [row for plan in plans for row in plan.contexts]
     flat = gather(model, tokenizer, rows, module, side="input", batch_size=batch_size)
-    per_edit = len(plans[0].contexts)
-    return flat.reshape(len(plans), per_edit, -1).mean(1)
+    per_edit = flat.reshape(len(plans), len(plans[0].contexts), -1)  # [n_edits, contexts, d_in]
+    type_means = [group.mean(1) for group in per_edit.split(list(plans[0].context_types), dim=1)]
+    return torch.stack(type_means, 1).mean(1)  # [n_edits, d_in]
 
 
 def edit_outputs(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from meg_harness.baselines.keys import edit_keys, edit_outputs
 from meg_harness.baselines.nethook import frozen
 from meg_harness.baselines.params import LocateHParams, from_mapping
 from meg_harness.baselines.plan import EditPlan, build_plans
-from meg_harness.baselines.prefixes import generate_prefixes
+from meg_harness.baselines.prefixes import cached_prefixes
 from meg_harness.baselines.stats import SecondMoment, layer_second_moments
 from meg_harness.baselines.values import ValueResult, optimise_values
 from meg_harness.cache import content_hash, default_cache_dir
@@ -49,6 +50,13 @@ Z_FIELDS = (
     "z_batch_size",
     "nll_loss_factor",
 )
+
+
+def _z_key(plan: EditPlan) -> dict[str, Any]:
+    """A plan's part of the z cache key: z depends on its rows and target, not on how keys are averaged."""
+    fields = dataclasses.asdict(plan)
+    fields.pop("context_types")
+    return fields
 
 
 def resolve_layers(adapter: ArchitectureAdapter, model: nn.Module, layers: Sequence[int]) -> list[int]:
@@ -85,8 +93,11 @@ class LocateThenEdit(Editor):
     def __init__(self, hparams: dict[str, Any] | None = None) -> None:
         super().__init__(hparams)
         self.hp = from_mapping(self.hparams_class, self.hparams, self.name)
-        self._prefixes: dict[str, list[str]] = {}
         self._fingerprint: str | None = None
+
+    def preflight(self, model: nn.Module) -> None:
+        adapter = get_adapter(model)
+        check_value_layer(resolve_layers(adapter, model, self.hp.layers), adapter.num_layers(model))
 
     # -- method-specific ------------------------------------------------------------------------------
     def value_sites(self, adapter: ArchitectureAdapter, z_layer: int) -> list[str]:
@@ -115,12 +126,16 @@ class LocateThenEdit(Editor):
 
     # -- Editor ---------------------------------------------------------------------------------------
     def context_prefixes(self, model: nn.Module, tokenizer) -> list[str]:
-        key = f"{self.fingerprint(model)}:{self.hp.context_prefixes}:{self.hp.context_prefix_length}"
-        if key not in self._prefixes:
-            self._prefixes[key] = generate_prefixes(
-                model, tokenizer, self.hp.context_prefixes, self.hp.context_prefix_length, self.hp.seed
-            )
-        return self._prefixes[key]
+        """MEMIT's generated context prefixes (seeded; cached on disk by model and settings)."""
+        return cached_prefixes(
+            model,
+            tokenizer,
+            self.hp.context_prefixes,
+            self.hp.context_prefix_length,
+            self.hp.seed,
+            fingerprint=self.fingerprint(model),
+            cache_dir=self.cache_dir,
+        )
 
     def fingerprint(self, model: nn.Module) -> str:
         if self._fingerprint is None:
@@ -154,7 +169,7 @@ class LocateThenEdit(Editor):
             key = content_hash(
                 "baseline-z/v2",
                 fingerprint,
-                [dataclasses.asdict(p) for p in chunk],
+                [_z_key(p) for p in chunk],
                 sites,
                 {k: getattr(self.hp, k) for k in z_fields},
                 options,
@@ -181,9 +196,12 @@ class LocateThenEdit(Editor):
         check_value_layer(layers, adapter.num_layers(model))
         self._fingerprint = None  # the model given now, unedited
         with frozen(model):
+            started = time.perf_counter()
             stats = self.statistics(model, tokenizer, layers) if self.uses_stats() else {}
+            stats_s = time.perf_counter() - started
+            prefixes = self.context_prefixes(model, tokenizer)
             plans = build_plans(
-                tokenizer, cases, template, self.context_prefixes(model, tokenizer), self.hp.kl_prompt
+                tokenizer, cases, template, prefixes, self.hp.kl_prompt, terminator=self.hp.terminator
             )
             z_layer = layers[-1]
             values = self.values(model, tokenizer, plans, self.value_sites(adapter, z_layer), z_layer)
@@ -199,6 +217,8 @@ class LocateThenEdit(Editor):
             "update_norms": norms,
             "z_nll": values.nll,
             "z_steps": values.steps,
+            "statistics": statistics_info(self.hp, stats, stats_s),
+            "context_prefixes": prefixes,
         }
         return DeltaEdited(model, tokenizer, delta, info)
 
@@ -235,6 +255,15 @@ class LocateThenEdit(Editor):
     @classmethod
     def load(cls, directory: Path, model: nn.Module, tokenizer) -> DeltaEdited:
         return load_delta_artifact(directory, model, tokenizer)
+
+
+def statistics_info(hp: LocateHParams, stats: dict[int, SecondMoment], seconds: float) -> dict[str, Any]:
+    """What the layer statistics saw: corpus spec, samples and tokens (every layer sees the same tokens),
+    and the seconds spent computing or loading them; ``corpus: None`` when they are switched off."""
+    if not stats:
+        return {"corpus": None, "samples": 0, "tokens": 0, "seconds": seconds}
+    first = next(iter(stats.values()))
+    return {"corpus": hp.mom2_dataset, "samples": first.samples, "tokens": first.count, "seconds": seconds}
 
 
 def c0_or_identity(stats: SecondMoment | None, dim: int, device: torch.device) -> torch.Tensor:

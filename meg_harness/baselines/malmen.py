@@ -64,6 +64,15 @@ class MALMEN(Editor):
         self.trained: TrainResult | None = None
         self._fingerprint: str | None = None
 
+    def preflight(self, model: nn.Module) -> None:
+        """The layers against the model; the training facts read (a bad file fails before any result)."""
+        self.modules(model)
+        try:
+            self.training_cases()
+        except HarnessError as error:  # the training file's own errors name it; "data_path" is train_path
+            field = "train_path" if error.field == "data_path" else error.field
+            raise HarnessError(error.reason, file=error.file, record=error.record, field=field) from None
+
     # -- pieces ------------------------------------------------------------------------------------------
     def modules(self, model: nn.Module) -> tuple[list[str], bool]:
         """The edited modules (the adapter's FFN output linear of each layer) and whether they are Conv1D."""
@@ -99,8 +108,8 @@ class MALMEN(Editor):
     ) -> TrainResult:
         """Load the cached hypernetwork, meta-training (or resuming) it first when needed.
 
-        With a ``max_minutes`` budget every call trains at most that long, then resumes next time; until
-        all steps are done, edits use the partly trained hypernetwork (``info["meta_done"]`` is False)."""
+        Edits always use the hypernetwork of all its steps: a call stopped by ``max_minutes`` (a wall-clock
+        limit, not a budget) raises :class:`~meg_harness.budget.TrainingStopped` and the next call resumes."""
         modules, conv1d = self.modules(model)
         root = Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
         result = meta_train(

@@ -23,30 +23,31 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from meg_harness.baselines.malmen_net import MalmenHypernet, ridge_update
 from meg_harness.baselines.nethook import frozen, model_device
+from meg_harness.baselines.params import LAYERS
 from meg_harness.baselines.plan import pad_id
+from meg_harness.budget import WallClock, stopped
 from meg_harness.cache import atomic_write_text, content_hash
 from meg_harness.data.edit_case import EditCase
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.evaluator import encode_query, encode_target
+from meg_harness.evaluate.evaluator import encode_answer, encode_query, encode_target
 from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.models.layer_cache import right_pad_ids
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.settings import NON_NEGATIVE, POSITIVE, Rule, Settings, one_of
+from meg_harness.tensorfile import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ NOT_HASHED = frozenset({"max_minutes", "checkpoint_every", "train_path", "train_
 
 
 @dataclass(frozen=True)
-class MalmenHParams:
+class MalmenHParams(Settings):
     """Defaults: the reference code's GPT-J configuration (config/editor/malmen.yaml, model/gpt-j.yaml,
     data/zsre.yaml)."""
 
@@ -77,8 +78,8 @@ class MalmenHParams:
     train_n_edits: int = 512  # training facts per meta-training step
     n_epochs: int = 1
     max_steps: int | None = None  # step budget (None: n_epochs over the training data)
-    max_minutes: float | None = None  # total meta-training time, summed over resumed calls; a step that
-    # would end past it (at this call's mean step time) is not started
+    max_minutes: float | None = None  # wall-clock limit of ONE call, not a budget: a step that would end past
+    # it is not started, the checkpoint is saved and TrainingStopped raised (no result); the next call resumes
     checkpoint_every: int = 20  # steps between checkpoints
     train_dataset: str = "zsre"
     train_path: str | None = None  # required: training facts disjoint from the evaluated edits
@@ -88,31 +89,27 @@ class MalmenHParams:
     solve_dtype: str = "float32"
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        positive = (
-            "rank",
-            "n_blocks",
-            "batch_size",
-            "editor_batch_size",
-            "train_n_edits",
-            "checkpoint_every",
-        )
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise HarnessError(f"{name} must be a positive integer", field=f"hparams.{name}")
-        if self.n_epochs < 0 or (self.max_steps is not None and self.max_steps < 0):
-            raise HarnessError("n_epochs and max_steps must not be negative", field="hparams.n_epochs")
-        if self.token not in ("ans", "all"):
-            raise HarnessError("token must be 'ans' or 'all'", field="hparams.token")
-        if self.solve_dtype not in DTYPES:
-            raise HarnessError(f"solve_dtype must be one of {sorted(DTYPES)}", field="hparams.solve_dtype")
-        if self.train_range is not None:
-            r = tuple(self.train_range)
-            if len(r) != 2 or not 0 <= r[0] < r[1]:
-                raise HarnessError(
-                    "train_range must be [start, end) with start < end", field="hparams.train_range"
-                )
-            object.__setattr__(self, "train_range", (int(r[0]), int(r[1])))
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        "layers": LAYERS,
+        "rank": POSITIVE,
+        "n_blocks": POSITIVE,
+        "lr": POSITIVE,
+        "meta_lr": POSITIVE,
+        "loc_coef": NON_NEGATIVE,
+        "max_grad_norm": POSITIVE,
+        "token": one_of("ans", "all"),
+        "batch_size": POSITIVE,
+        "editor_batch_size": POSITIVE,
+        "train_n_edits": POSITIVE,
+        "n_epochs": NON_NEGATIVE,
+        "max_steps": NON_NEGATIVE,
+        "max_minutes": POSITIVE,
+        "checkpoint_every": POSITIVE,
+        "train_dataset": one_of("zsre", "counterfact", "mquake", "unke"),
+        "train_range": Rule("[start, end) with 0 <= start < end", lambda r: 0 <= r[0] < r[1]),
+        "zsre_target": one_of("answers", "alt"),
+        "solve_dtype": one_of(*DTYPES),
+    }
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -142,10 +139,7 @@ def answer_ids(
     tokenizer, template: QueryTemplate, target: str, hp: MalmenHParams, where: str | None
 ) -> tuple:
     """``" " + target`` (+ the template's terminator) as the evaluator tokenises it."""
-    ids = encode_target(tokenizer, target, where=where)
-    if hp.terminator and template.terminator:
-        ids += tuple(tokenizer(template.terminator, add_special_tokens=False)["input_ids"])
-    return ids
+    return encode_answer(tokenizer, template, target, terminator=hp.terminator, where=where)
 
 
 def make_example(tokenizer, template: QueryTemplate, question: str, labels: tuple[int, ...]) -> Example:
@@ -446,15 +440,7 @@ def save_checkpoint(folder: Path, net: MalmenHypernet, opt: torch.optim.Optimize
         "state": json.dumps(state),
         "param_groups": json.dumps(opt_state["param_groups"]),
     }
-    path = folder / CHECKPOINT_FILE
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_tensors(tensors, folder / CHECKPOINT_FILE, metadata)
     atomic_write_text(folder / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
 
@@ -575,8 +561,11 @@ def meta_train(
     progress: bool = True,
     fingerprint: str | None = None,
 ) -> TrainResult:
-    """Load the hypernetwork cached for this (model, hparams, training data), training or resuming it
-    first when its steps are not all done and its time (``max_minutes``, summed over calls) is not spent."""
+    """Load the hypernetwork cached for this (model, hparams, training data), training or resuming it first
+    when its steps are not all done.
+
+    The result is always that of all ``total_steps`` steps. ``max_minutes`` only limits this call: when it
+    would be overrun, the checkpoint is saved and :class:`TrainingStopped` raised (the next call resumes)."""
     key = training_key(model, modules, template, hp, train_cases, fingerprint)
     folder = Path(cache_root) / "malmen" / key[:24]
     device = model_device(model)
@@ -596,17 +585,9 @@ def meta_train(
     if state["step"] >= total:
         state["done"] = True
         return TrainResult(net, state, folder)
-    budget_s = None if hp.max_minutes is None else 60 * hp.max_minutes
-    if budget_s is not None and state.get("elapsed_s", 0.0) >= budget_s:
-        log.warning(
-            "MALMEN meta-training budget of %s min is spent (step %d of %d)",
-            hp.max_minutes,
-            state["step"],
-            total,
-        )
-        return TrainResult(net, state, folder)
-    started = call_started = time.monotonic()
-    last_saved = first_step = state["step"]
+    clock = WallClock(hp.max_minutes)
+    started = time.monotonic()
+    last_saved = state["step"]
     bar = tqdm(total=total, initial=state["step"], desc="MALMEN meta-training", disable=not progress)
     try:
         with frozen(model):
@@ -618,25 +599,23 @@ def meta_train(
                 state["history"].append({"step": step + 1, **{k: round(v, 6) for k, v in stats.items()}})
                 bar.update(1)
                 bar.set_postfix(gen=f"{stats['gen_loss']:.3f}", loc=f"{stats['loc_loss']:.3f}")
-                spent = state.get("elapsed_s", 0.0) + time.monotonic() - started
-                step_s = (time.monotonic() - call_started) / (state["step"] - first_step)
-                over_time = budget_s is not None and spent + step_s > budget_s  # the next step would overrun
+                clock.step_done()
+                over_time = state["step"] < total and clock.next_step_overruns()
                 if state["step"] - last_saved >= hp.checkpoint_every or state["step"] == total or over_time:
                     state["done"] = state["step"] >= total
                     state["elapsed_s"] = state.get("elapsed_s", 0.0) + time.monotonic() - started
                     started = time.monotonic()
                     save_checkpoint(folder, net, opt, state)
                     last_saved = state["step"]
-                if over_time and state["step"] < total:
-                    log.warning(
-                        "MALMEN meta-training stopped by max_minutes=%s at step %d of %d (checkpoint %s); "
-                        "the next call resumes it",
+                if over_time:
+                    raise stopped(
+                        "MALMEN meta-training",
                         hp.max_minutes,
                         state["step"],
                         total,
                         folder,
+                        "hparams.max_minutes",
                     )
-                    break
     finally:
         bar.close()
     return TrainResult(net, state, folder)

@@ -10,9 +10,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from meg_harness.errors import HarnessError
+from meg_harness.settings import (
+    NON_NEGATIVE,
+    POSITIVE,
+    Rule,
+    Settings,
+    check_alg_name,
+    one_of,
+    settings_from_mapping,
+)
 
 IGNORED_KEYS = frozenset(
     {
@@ -32,31 +41,19 @@ IGNORED_KEYS = frozenset(
 )
 
 T = TypeVar("T")
+LAYERS = Rule("a non-empty list of distinct layer indices", lambda v: 0 < len(v) == len(set(v)))
 
 
 def from_mapping(cls: type[T], mapping: Mapping[str, Any] | T | None, method: str) -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys raise a HarnessError naming the key."""
-    if isinstance(mapping, cls):
-        return mapping
-    values = {k: v for k, v in dict(mapping or {}).items() if k not in IGNORED_KEYS}
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise HarnessError(
-            f"unknown {method} hparam(s) {unknown}; known: {sorted(known)}", field=f"hparams.{unknown[0]}"
-        )
-    if "layers" in values:
-        layers = values["layers"]
-        if isinstance(layers, int):
-            layers = [layers]
-        if not layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
-            raise HarnessError("layers must be a non-empty list of integers", field="hparams.layers")
-        values["layers"] = tuple(layers)
-    return cls(**values)
+    """Build the settings dataclass ``cls`` from a mapping (see :class:`~meg_harness.settings.Settings`):
+    unknown keys, bad values and an ``alg_name`` of another method raise a HarnessError naming the key."""
+    if isinstance(mapping, Mapping):
+        check_alg_name(mapping, method)
+    return settings_from_mapping(cls, mapping, f"{method} hparam", ignored=IGNORED_KEYS)
 
 
 @dataclass(frozen=True)
-class StatsHParams:
+class StatsHParams(Settings):
     """Where and how the second moments of a layer's keys are computed (see :mod:`stats`).
 
     ``mom2_dataset``: ``default`` (the text the package ships), a local ``.txt`` (one sample per non-empty
@@ -69,6 +66,13 @@ class StatsHParams:
     mom2_dtype: str = "float32"
     mom2_max_length: int = 256
     mom2_batch_size: int = 16
+
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        "mom2_n_samples": POSITIVE,
+        "mom2_dtype": one_of("float32", "float64"),
+        "mom2_max_length": POSITIVE,
+        "mom2_batch_size": POSITIVE,
+    }
 
 
 @dataclass(frozen=True)
@@ -88,27 +92,31 @@ class LocateHParams(StatsHParams):
     key_batch_size: int = 32  # prompts per forward when reading keys
     context_prefixes: int = 5  # MEMIT: 5 model-generated prefixes (+ the bare prompt)
     context_prefix_length: int = 10
+    terminator: bool = False  # optimise z for target + the template's answer terminator (as MeG, MALMEN)
     mom2_adjustment: bool = True  # False: C0 = identity (no statistics)
     mom2_update_weight: float = 15000.0
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.fact_token != "subject_last":
-            raise HarnessError(
-                f"fact_token {self.fact_token!r} is not supported; use subject_last",
-                field="hparams.fact_token",
-            )
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        **StatsHParams.CHECKS,
+        "layers": LAYERS,
+        "fact_token": one_of("subject_last"),
+        "v_num_grad_steps": POSITIVE,
+        "v_lr": POSITIVE,
+        "v_weight_decay": NON_NEGATIVE,
+        "clamp_norm_factor": POSITIVE,
+        "kl_factor": NON_NEGATIVE,
+        "v_loss_stop": NON_NEGATIVE,
+        "z_batch_size": POSITIVE,
+        "key_batch_size": POSITIVE,
+        "context_prefixes": NON_NEGATIVE,
+        "context_prefix_length": POSITIVE,
+        "mom2_update_weight": NON_NEGATIVE,
+    }
+
+    def check(self) -> None:
         if "{}" not in self.kl_prompt:
-            raise HarnessError("kl_prompt must contain '{}' for the subject", field="hparams.kl_prompt")
-        for name in (
-            "v_num_grad_steps",
-            "z_batch_size",
-            "key_batch_size",
-            "mom2_n_samples",
-            "mom2_batch_size",
-        ):
-            if getattr(self, name) <= 0:
-                raise HarnessError(f"{name} must be positive", field=f"hparams.{name}")
+            raise HarnessError("kl_prompt must contain '{}' for the subject", field="kl_prompt")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -1,8 +1,10 @@
 """Edit plans: the tokenised prompts of each edit and where its subject's last token sits in them.
 
 Edits are made for the TEMPLATED prompt the evaluator asks (``template.format(prompt)``): context prefixes
-(if any) go inside the question, before the prompt; the target ``" " + target_new`` follows the templated
-prompt, tokenised exactly as the evaluator does (``encode_query`` + ``encode_target``).
+(if any) go inside the question, before the prompt (MEMIT puts them before the raw prompt; with a chat
+template, "before the prompt" is inside the user turn, where the question is); the target
+``" " + target_new`` (+ the template's answer terminator with ``terminator=True``) follows the templated
+prompt, tokenised exactly as the evaluator does (``encode_query`` + ``encode_answer``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 from meg_harness.data.edit_case import EditCase
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.evaluator import encode_target
+from meg_harness.evaluate.evaluator import encode_answer
 from meg_harness.evaluate.templates import QueryTemplate
 
 
@@ -26,12 +28,15 @@ class Row:
 
 @dataclass(frozen=True)
 class EditPlan:
-    """``contexts[0]`` is the bare templated prompt; the others carry a context prefix."""
+    """``contexts[0]`` is the bare templated prompt; the others carry a context prefix. MEMIT groups the
+    contexts by type (the bare prompt; the generated prefixes) and averages keys per type first:
+    ``context_types`` gives the size of each consecutive group."""
 
     case_id: str
     contexts: tuple[Row, ...]
     target_ids: tuple[int, ...]
     kl: Row
+    context_types: tuple[int, ...] = (1,)
 
 
 def _where(case: EditCase) -> dict:
@@ -81,8 +86,10 @@ def build_plans(
     template: QueryTemplate,
     prefixes: Sequence[str] = (),
     kl_prompt: str = "{} is a",
+    terminator: bool = False,
 ) -> list[EditPlan]:
-    """One plan per case: rows for the bare prompt and for each context prefix, the target and KL rows."""
+    """One plan per case: rows for the bare prompt and for each context prefix, the target (with the
+    template's answer terminator when ``terminator``) and KL rows."""
     if not cases:
         raise HarnessError("no edit cases given", field="cases")
     question_at = template.text.index("{}")
@@ -93,10 +100,13 @@ def build_plans(
         for prefix in ("", *prefixes):
             text = template.format(prefix + case.prompt)
             contexts.append(subject_row(tokenizer, text, question_at + len(prefix) + end))
-        target = encode_target(tokenizer, case.target_new, where=case.source)
+        target = encode_answer(
+            tokenizer, template, case.target_new, terminator=terminator, where=case.source
+        )
         kl_text = kl_prompt.replace("{}", case.subject, 1)
         kl = subject_row(tokenizer, kl_text, kl_prompt.index("{}") + len(case.subject))
-        plans.append(EditPlan(case.case_id, tuple(contexts), target, kl))
+        types = (1, len(prefixes)) if prefixes else (1,)
+        plans.append(EditPlan(case.case_id, tuple(contexts), target, kl, types))
     return plans
 
 

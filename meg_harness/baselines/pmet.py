@@ -17,7 +17,9 @@ lower layers' updates move it directly, where PMET's FFN output moves only throu
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -28,7 +30,7 @@ from meg_harness.baselines.params import LocateHParams
 from meg_harness.baselines.stats import SecondMoment
 from meg_harness.baselines.values import ValueResult
 from meg_harness.editing.registry import register_method
-from meg_harness.errors import HarnessError
+from meg_harness.settings import NON_NEGATIVE, Rule, one_of
 
 FFN_TARGETS = ("delta", "observed", "block")
 RESIDUAL_SITES = ("ffn", "layer")
@@ -46,18 +48,12 @@ class PMETHParams(LocateHParams):
     ffn_target: str = "delta"  # delta | observed | block (module docstring)
     residual_at: str = "ffn"  # ffn | layer (module docstring)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.ffn_target not in FFN_TARGETS:
-            raise HarnessError(
-                f"ffn_target {self.ffn_target!r} is not one of {', '.join(FFN_TARGETS)}",
-                field="hparams.ffn_target",
-            )
-        if self.residual_at not in RESIDUAL_SITES:
-            raise HarnessError(
-                f"residual_at {self.residual_at!r} is not one of {', '.join(RESIDUAL_SITES)}",
-                field="hparams.residual_at",
-            )
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        **LocateHParams.CHECKS,
+        "nll_loss_factor": NON_NEGATIVE,
+        "ffn_target": one_of(*FFN_TARGETS),
+        "residual_at": one_of(*RESIDUAL_SITES),
+    }
 
 
 @register_method

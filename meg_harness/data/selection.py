@@ -25,7 +25,8 @@ def select_cases(
 ) -> list[EditCase]:
     """Cases for one experiment, in file order.
 
-    1. ``index_range=(start, end)`` keeps cases whose index in the file is in ``[start, end)``;
+    1. ``index_range=(start, end)`` keeps cases whose index in the file is in ``[start, end)`` (an ``end``
+       past the last case's index is an error);
     2. ``one_per_subject`` keeps the first case of each subject (case-insensitive; empty subjects are
        never merged), so that no two edits rewrite the same subject;
     3. ``n_edits`` draws a ``random.Random(seed)`` sample of that size (None = all), returned in file order.
@@ -33,6 +34,14 @@ def select_cases(
     pool = list(enumerate(cases))
     if index_range is not None:
         start, end = _check_range(index_range)
+        n_records = max((file_index(c, pos) for pos, c in pool), default=-1) + 1
+        if end > n_records:  # clipping would hide a typo (or the wrong file)
+            source = cases[0].source.rpartition(":")[0] if cases and cases[0].source else None
+            raise HarnessError(
+                f"range [{start}, {end}) goes past the end of the data ({n_records} records)",
+                file=source,
+                field="range",
+            )
         pool = [(pos, c) for pos, c in pool if start <= file_index(c, pos) < end]
     if one_per_subject:
         seen: set[str] = set()

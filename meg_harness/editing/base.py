@@ -46,8 +46,14 @@ class Editor(ABC):
     name: ClassVar[str]
 
     def __init__(self, hparams: dict[str, Any] | None = None) -> None:
+        """Subclasses validate ``hparams`` here: a bad value raises HarnessError before any work starts."""
         self.hparams = dict(hparams or {})
         self.cache_dir: Path | None = None  # None: meg-harness's cache ($MEG_HARNESS_CACHE)
+
+    def preflight(self, model: Any) -> None:
+        """Check what the hparams can only be checked against (the loaded model's depth, files they name)
+        before anything is fitted or written; a HarnessError names the hparams field. Default: nothing."""
+        return None
 
     @abstractmethod
     def fit(self, model: Any, tokenizer: Any, cases: Sequence[EditCase], template: QueryTemplate) -> Edited:

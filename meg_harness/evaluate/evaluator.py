@@ -46,6 +46,17 @@ def encode_target(tokenizer, target: str, *, where: str | None = None) -> tuple[
     return ids
 
 
+def encode_answer(
+    tokenizer, template: QueryTemplate, target: str, *, terminator: bool, where: str | None = None
+) -> tuple[int, ...]:
+    """What an edit trains toward: ``" " + target`` as :func:`encode_target` tokenises it, followed by the
+    template's answer terminator when ``terminator`` (greedy decoding then stops after the answer)."""
+    ids = encode_target(tokenizer, target, where=where)
+    if terminator and template.terminator:
+        ids += tuple(tokenizer(template.terminator, add_special_tokens=False)["input_ids"])
+    return ids
+
+
 def encode_query(tokenizer, template: QueryTemplate, question: str) -> tuple[int, ...]:
     """Token ids of the templated question (with the tokenizer's own special tokens, e.g. BOS)."""
     return tuple(tokenizer(template.format(question))["input_ids"])

@@ -2,7 +2,8 @@
 
 Every artifact has ``editor.json`` (``{"method", "hparams"}``); the method's Editor class, from the
 editing registry, applies it (:meth:`Editor.load`). A folder with only ``delta.safetensors`` (a weight
-delta of :mod:`meg_harness.baselines.delta`) is applied directly.
+delta of :mod:`meg_harness.baselines.delta`) is applied directly. The ``check_*`` functions find a bad
+artifact (missing, truncated, of the wrong kind) before a model is loaded.
 """
 
 from __future__ import annotations
@@ -32,22 +33,58 @@ def artifact_method(directory: str | Path) -> str | None:
     return method
 
 
+def check_tensor_files(directory: str | Path) -> None:
+    """Every ``*.safetensors`` under ``directory`` has a readable header that fits its size (a truncated or
+    foreign file is an error before any model is loaded)."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(directory).rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own SafetensorError (and OSError)
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise HarnessError(
+                f"unreadable tensor file (truncated or not safetensors): {reason}", file=path
+            ) from None
+
+
+def check_edit_artifact(directory: str | Path) -> str | None:
+    """Check the weight-edit artifact in ``directory`` without loading any model: its method (``None`` for
+    a bare ``delta.safetensors`` folder). A MeG artifact is refused: it needs ``--model meg``."""
+    from meg_harness.editing.registry import get_editor_class
+
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise HarnessError("the edit artifact folder does not exist", file=directory, field="delta")
+    method = artifact_method(directory)
+    if method == "meg":
+        raise HarnessError(
+            "this is a MeG artifact, not a weight edit: use `--model meg --model_args meg_path=...`",
+            file=directory,
+            field="delta",
+        )
+    if method is None and not (directory / DELTA_FILE).is_file():
+        raise HarnessError(
+            f"not an edit artifact (no {EDITOR_FILE} or {DELTA_FILE}); artifacts are the "
+            "<out>/<method>/seed<k>/artifact folders written by `meg-harness run`",
+            file=directory,
+            field="delta",
+        )
+    if method is not None:
+        get_editor_class(method)  # an unknown method: a HarnessError naming the known ones
+    check_tensor_files(directory)
+    return method
+
+
 def load_artifact(directory: str | Path, model: Any, tokenizer: Any) -> Edited:
     """Apply the edit saved in ``directory`` to ``model`` (in place for weight edits)."""
     from meg_harness.editing.registry import get_editor_class
 
     directory = Path(directory).expanduser()
-    if not directory.is_dir():
-        raise HarnessError("the edit artifact folder does not exist", file=directory)
-    method = artifact_method(directory)
+    method = check_edit_artifact(directory)
     if method is None:
-        if (directory / DELTA_FILE).is_file():
-            from meg_harness.baselines.delta import load_delta_artifact
+        from meg_harness.baselines.delta import load_delta_artifact
 
-            return load_delta_artifact(directory, model, tokenizer)
-        raise HarnessError(
-            f"not an edit artifact (no {EDITOR_FILE} or {DELTA_FILE}); artifacts are the "
-            "<out>/<method>/seed<k>/artifact folders written by `meg-harness run`",
-            file=directory,
-        )
+        return load_delta_artifact(directory, model, tokenizer)
     return get_editor_class(method).load(directory, model, tokenizer)

@@ -9,10 +9,16 @@ Each run loads a fresh model and applies the edit once; nothing is restored. Eve
 HFLM's (``batch_size``, ``device``, ``max_length``, ...), plus ``template`` and ``cache_dir`` (see
 :class:`PerRowHFLM`); ``meg`` also takes ``route`` and ``ddim_steps`` (see :class:`MegLM`). ``delta``
 here is a meg-harness artifact folder, not HFLM's own ``delta``.
+
+Bad model args and artifacts (missing, truncated, of the other model kind) are found before the model is
+loaded; an artifact that does not fit the loaded model is a :class:`HarnessError` too. In the ``lm_eval``
+command each is one line on stderr and exit code 2 (:mod:`meg_harness.lm_eval_plugin.cli_errors`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +27,18 @@ from lm_eval.api.registry import register_model
 
 from meg_harness.editing.base import Edited, Editor
 from meg_harness.errors import HarnessError
-from meg_harness.lm_eval_plugin.artifacts import artifact_method, load_artifact
+from meg_harness.lm_eval_plugin import cli_errors
+from meg_harness.lm_eval_plugin.artifacts import (
+    artifact_method,
+    check_edit_artifact,
+    check_tensor_files,
+    load_artifact,
+)
 from meg_harness.lm_eval_plugin.perrow import PerRowHFLM
 from meg_harness.meg.model import check_routing
+
+log = logging.getLogger(__name__)
+cli_errors.install()  # in the `lm_eval` command (also when registered without the start-up hook)
 
 MEG_SOURCE = (
     "MeG artifacts come from `meg-harness run` with `methods: [meg]` (the folder <out>/meg/seed<k>/artifact)"
@@ -34,6 +49,8 @@ def _positive_int(value: Any, field: str) -> int | None:
     """``value`` (an int or its text) as a positive int; None stays None."""
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():  # the lm_eval command parses "-3" as -3.0
+        value = int(value)
     try:
         number = int(str(value))
     except ValueError:
@@ -41,6 +58,36 @@ def _positive_int(value: Any, field: str) -> int | None:
     if number < 1:
         raise HarnessError(f"{field} must be a positive integer, got {value!r}", field=field)
     return number
+
+
+def check_meg_artifact(meg_path: str | Path) -> dict[str, Any]:
+    """Check the MeG artifact in ``meg_path`` without loading any model; its ``config.json``."""
+    path = Path(meg_path).expanduser()
+    if not path.is_dir():
+        raise HarnessError(
+            f"the MeG artifact folder does not exist; {MEG_SOURCE}", file=path, field="meg_path"
+        )
+    method = artifact_method(path)
+    if method is None:
+        raise HarnessError(f"not a MeG artifact folder; {MEG_SOURCE}", file=path, field="meg_path")
+    if method != "meg":
+        raise HarnessError(
+            f"this is a {method!r} artifact, not MeG's: use `--model edited --model_args delta=...`",
+            file=path,
+            field="meg_path",
+        )
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        raise HarnessError(f"unreadable MeG artifact config: {reason}", file=path / "config.json") from None
+    if not isinstance(config, dict):
+        raise HarnessError("the MeG artifact config is not a mapping", file=path / "config.json")
+    for name in ("generator.safetensors", "normalizer.safetensors"):
+        if not (path / name).is_file():
+            raise HarnessError(f"the MeG artifact lacks {name}", file=path, field="meg_path")
+    check_tensor_files(path)
+    return config
 
 
 def load_edited(meg_path: str | Path, model: Any, tokenizer: Any) -> Edited:
@@ -52,15 +99,7 @@ def load_edited(meg_path: str | Path, model: Any, tokenizer: Any) -> Edited:
     """
     from meg_harness.editing.registry import get_editor_class
 
-    method = artifact_method(meg_path) if Path(meg_path).is_dir() else None
-    if method is None:
-        raise HarnessError(f"not a MeG artifact folder; {MEG_SOURCE}", file=meg_path, field="meg_path")
-    if method != "meg":
-        raise HarnessError(
-            f"this is a {method!r} artifact, not MeG's: use `--model edited --model_args delta=...`",
-            file=meg_path,
-            field="meg_path",
-        )
+    check_meg_artifact(meg_path)
     try:
         editor = get_editor_class("meg")
     except HarnessError:
@@ -97,10 +136,22 @@ class MegLM(PerRowHFLM):
         # lm-eval's model-args parser turns the text "none" into None
         self.route = check_routing("none" if route is None else str(route))
         self.ddim_steps = _positive_int(ddim_steps, "ddim_steps")
+        self.meg_config = check_meg_artifact(self.meg_path)  # before the model is loaded
         super().__init__(pretrained, **kwargs)
 
     def load_edited(self, model: Any, tokenizer: Any) -> Edited:
         edited = load_edited(self.meg_path, model, tokenizer)
+        expected = self.meg_config.get("base_fingerprint")
+        if expected:
+            from meg_harness.models.loading import model_fingerprint
+
+            if expected != model_fingerprint(model):
+                log.warning(
+                    "%s was fitted on another base model (%s, fingerprint %s)",
+                    self.meg_path,
+                    self.meg_config.get("base_model") or "?",
+                    expected,
+                )
         configure = getattr(edited, "configure", None)
         if configure is None:
             if self.route != "auto" or self.ddim_steps is not None:
@@ -128,6 +179,8 @@ class EditedLM(PerRowHFLM):
 
     def __init__(self, pretrained: str, delta: str | None = None, **kwargs: Any) -> None:
         self.delta_path = str(delta) if delta else None
+        if self.delta_path is not None:
+            check_edit_artifact(self.delta_path)  # before the model is loaded
         super().__init__(pretrained, **kwargs)
 
     def load_edited(self, model: Any, tokenizer: Any) -> Edited:

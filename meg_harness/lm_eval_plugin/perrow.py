@@ -27,10 +27,12 @@ import hashlib
 import os
 from array import array
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from lm_eval.models.huggingface import HFLM
+from safetensors import SafetensorError
 
 from meg_harness.editing.base import Edited
 from meg_harness.errors import HarnessError
@@ -38,7 +40,7 @@ from meg_harness.evaluate.evaluator import encode_query, encode_target
 from meg_harness.evaluate.scoring import MAX_NEW_TOKENS, Probe, greedy_answers, teacher_forced_accuracy
 from meg_harness.evaluate.templates import QueryTemplate, get_template
 from meg_harness.lm_eval_plugin.probes import probe_of, routing_question, tf_response
-from meg_harness.models.loading import resolve_alias
+from meg_harness.models.loading import _HUB_ID, resolve_alias
 
 NATIVE_BATCH_SIZE = 16  # for the native path when lm-eval's batch size is "auto"
 _AMBIGUOUS = object()
@@ -55,6 +57,19 @@ def _init_cpu_process_group() -> None:
         from accelerate import Accelerator
 
         Accelerator(cpu=True)
+
+
+def _check_pretrained(source: str) -> None:
+    """A local model path that does not exist, or a file, is an error before HFLM tries the hub with it."""
+    path = Path(source).expanduser()
+    if path.exists() and not path.is_dir():
+        raise HarnessError(
+            "is a file; expected a model directory or a hub id", file=source, field="pretrained"
+        )
+    if not path.exists() and (source.startswith(("/", ".", "~")) or not _HUB_ID.match(source)):
+        raise HarnessError(
+            "does not exist (neither a model directory nor a hub id)", file=source, field="pretrained"
+        )
 
 
 def _strip_zeros(tokens: Sequence[int]) -> Sequence[int]:
@@ -81,13 +96,30 @@ class PerRowHFLM(HFLM):
         dtype: str = "float32",
         **kwargs: Any,
     ) -> None:
+        self.template: QueryTemplate | None = get_template(template) if template else None  # before loading
         if isinstance(pretrained, str):
             pretrained = resolve_alias(pretrained, cache_dir)
+            _check_pretrained(pretrained)
         _init_cpu_process_group()
-        super().__init__(pretrained=pretrained, dtype=dtype, **kwargs)
+        try:
+            super().__init__(pretrained=pretrained, dtype=dtype, **kwargs)
+        except OSError as error:  # transformers: a folder without weights, an unknown or unreachable hub id
+            reason = " ".join(str(error).split())[:500]
+            raise HarnessError(
+                f"cannot load the model: {reason}", file=str(pretrained), field="pretrained"
+            ) from None
         self._fix_cpu_data_parallel()
-        self.template: QueryTemplate | None = get_template(template) if template else None
-        self.edited: Edited = self.load_edited(self.model, self.tokenizer)
+        try:
+            self.edited: Edited = self.load_edited(self.model, self.tokenizer)
+        except HarnessError:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError, IndexError, SafetensorError) as error:
+            # an artifact of another model (shapes, layers) or a damaged file: one line, not a traceback
+            reason = " ".join(str(error).split())[:500]
+            raise HarnessError(
+                f"the edit does not fit this model ({pretrained}): {type(error).__name__}: {reason}",
+                field="model_args",
+            ) from error
         self._questions: dict[str, str] = {}  # context string -> question
         self._row_exact: dict[bytes, Any] = {}
         self._row_stripped: dict[bytes, Any] = {}

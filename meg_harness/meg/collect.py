@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from meg_harness.cache import atomic_write_text, content_hash, default_cache_dir
 from meg_harness.data.edit_case import EditCase
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.evaluator import context_length, encode_query, encode_target
+from meg_harness.evaluate.evaluator import context_length, encode_answer, encode_query
 from meg_harness.evaluate.protocol import ag_match
 from meg_harness.evaluate.scoring import Probe, greedy_answers
 from meg_harness.evaluate.templates import QueryTemplate
@@ -52,7 +52,7 @@ from meg_harness.meg.neuron import DynamicNeuron, NeuronBatch, NeuronEdited, Neu
 from meg_harness.models.adapters import ArchitectureAdapter, get_adapter
 from meg_harness.models.layer_cache import LayerCachedLM, right_pad_ids
 from meg_harness.models.loading import model_fingerprint
-from meg_harness.settings import require_non_negative, require_positive_ints, settings_from_mapping
+from meg_harness.settings import NON_NEGATIVE, POSITIVE, Rule, Settings, one_of, settings_from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ VERIFY_ROWS = 4  # rows of the first batch checked against a full forward (paddi
 
 
 @dataclass(frozen=True)
-class CollectHParams:
+class CollectHParams(Settings):
     """Hyper-parameters of knowledge-weight collection.
 
     Defaults: SmolLM2-135M at layer 12, tuned on CounterFact dev edits (hparams/MEG/collect-smollm2-135m.yaml
@@ -88,22 +88,24 @@ class CollectHParams:
     layer_cache: bool = True
     value_lr_scale: float = 5.0
 
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise HarnessError(
-                f"unknown optimizer {self.optimizer!r}; use one of {OPTIMIZERS}", field="optimizer"
-            )
-        require_positive_ints(
-            self, ("max_steps", "check_every", "batch_size", "shard_size", "max_new_tokens")
-        )
-        require_non_negative(self, ("lr", "init_std", "value_lr_scale"))
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        "optimizer": one_of(*OPTIMIZERS),
+        "lr": POSITIVE,
+        "max_steps": POSITIVE,
+        "check_every": POSITIVE,
+        "batch_size": POSITIVE,
+        "shard_size": POSITIVE,
+        "init_std": NON_NEGATIVE,
+        "max_new_tokens": POSITIVE,
+        "value_lr_scale": NON_NEGATIVE,
+    }
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | CollectHParams | None) -> CollectHParams:
         """From a dict (e.g. a YAML's contents); unknown keys are an error."""
         if isinstance(mapping, CollectHParams):
             return mapping
-        return settings_from_mapping(cls, mapping, "collection")
+        return settings_from_mapping(cls, mapping, "collection setting")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> CollectHParams:
@@ -164,13 +166,12 @@ class _Edit:
 def _prepare(
     model, tokenizer, cases: Sequence[EditCase], template: QueryTemplate, hp: CollectHParams
 ) -> list[_Edit]:
-    terminator = tuple(tokenizer(template.terminator, add_special_tokens=False)["input_ids"])
     limit = context_length(model)
     edits = []
     for case in cases:
-        target_ids = encode_target(tokenizer, case.target_new, where=case.source)
+        answer_ids = encode_answer(tokenizer, template, case.target_new, terminator=True, where=case.source)
         query_ids = encode_query(tokenizer, template, case.prompt)
-        edit = _Edit(case.case_id, case.target_new, query_ids, target_ids + terminator)
+        edit = _Edit(case.case_id, case.target_new, query_ids, answer_ids)
         needed = len(query_ids) + max(len(edit.answer_ids), hp.max_new_tokens)
         if limit is not None and needed > limit:
             file, _, record = (case.source or "").rpartition(":")

@@ -12,19 +12,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from meg_harness.errors import HarnessError
-from meg_harness.settings import settings_from_mapping
+from meg_harness.settings import POSITIVE, Rule, Settings, one_of, settings_from_mapping
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 @dataclass(frozen=True)
-class DiffusionConfig:
+class DiffusionConfig(Settings):
     """Noise schedule (DiT's defaults: 1000 steps, linear betas 1e-4..0.02) and DDIM sampling steps (the paper
     samples with 50, 6.3)."""
 
@@ -34,12 +34,17 @@ class DiffusionConfig:
     beta_end: float = 0.02
     ddim_steps: int = 50
 
-    def __post_init__(self) -> None:
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise HarnessError(
-                f"unknown beta schedule {self.beta_schedule!r}; use one of {BETA_SCHEDULES}",
-                field="beta_schedule",
-            )
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        "num_train_timesteps": POSITIVE,
+        "beta_schedule": one_of(*BETA_SCHEDULES),
+        "beta_start": POSITIVE,
+        "beta_end": POSITIVE,
+        "ddim_steps": POSITIVE,
+    }
+
+    def check(self) -> None:
+        if self.beta_start >= self.beta_end:
+            raise HarnessError(f"beta_start must be below beta_end ({self.beta_end})", field="beta_start")
         if not 1 <= self.ddim_steps <= self.num_train_timesteps:
             raise HarnessError(
                 f"ddim_steps must be in [1, {self.num_train_timesteps}], got {self.ddim_steps}",
@@ -48,7 +53,7 @@ class DiffusionConfig:
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> DiffusionConfig:
-        return settings_from_mapping(cls, mapping, "diffusion", "diffusion.")
+        return settings_from_mapping(cls, mapping, "diffusion setting", "diffusion.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -29,7 +29,7 @@ from meg_harness.meg.diffusion import WeightNormalizer
 from meg_harness.meg.encoder import TextEncoder, load_text_encoder
 from meg_harness.meg.familiarity import train_familiarity
 from meg_harness.meg.generator import GeneratorConfig, build_generator, parameter_count
-from meg_harness.meg.hparams import MEGHyperParams
+from meg_harness.meg.hparams import EncoderSettings, MEGHyperParams
 from meg_harness.meg.model import MegEdited, MegModel
 from meg_harness.meg.train_generator import LENGTH_SETTINGS, continue_shorter_run, train_generator
 from meg_harness.models.adapters import get_adapter
@@ -49,6 +49,25 @@ def _tensor_digest(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def _require_pairs(settings: EncoderSettings) -> None:
+    if settings.tuning != "frozen" and settings.pairs is None:
+        raise HarnessError(
+            f"encoder tuning {settings.tuning!r} needs pseudo-knowledge pairs: set encoder.pairs to a data "
+            "file disjoint from the edits (e.g. counterfact-train.json), or encoder.tuning: frozen",
+            field="encoder.pairs",
+        )
+
+
+def _looks_like_path(name: str) -> bool:
+    """A filesystem path rather than an alias (``minilm``) or a hub id (``owner/name``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _is_local(source: str) -> bool:
+    """A data source that is a local file (not a URL, ``hf://`` or ``download``)."""
+    return "://" not in source and source.lower() != "download"
+
+
 def _source_cases(path: str, data_format: str) -> list[EditCase]:
     from meg_harness.data import load_cases
 
@@ -60,12 +79,7 @@ def encoder_pairs(hp: MEGHyperParams) -> list[tuple[str, str]]:
     from meg_harness.meg.tuning import pairs_from_cases, pairs_from_mquake
 
     settings = hp.encoder
-    if settings.pairs is None:
-        raise HarnessError(
-            f"encoder tuning {settings.tuning!r} needs pseudo-knowledge pairs: set encoder.pairs to a data "
-            "file disjoint from the edits (e.g. counterfact-train.json), or encoder.tuning: frozen",
-            field="encoder.pairs",
-        )
+    _require_pairs(settings)
     cases = _source_cases(settings.pairs, settings.pairs_format)
     return pairs_from_mquake(cases) if settings.pairs_format == "mquake" else pairs_from_cases(cases)
 
@@ -93,8 +107,28 @@ class MegEditor(Editor):
 
     name = "meg"
 
+    def __init__(self, hparams: dict[str, Any] | None = None) -> None:
+        super().__init__(hparams)
+        self.hp = MEGHyperParams.from_dict(self.hparams)
+
     def params(self) -> MEGHyperParams:
-        return MEGHyperParams.from_dict(self.hparams)
+        return self.hp
+
+    def preflight(self, model: Any) -> None:
+        """The layer against the model; the encoder and the data files the stages read, before any work."""
+        n = get_adapter(model).num_layers(model)
+        if not 0 <= self.hp.layer < n:
+            raise HarnessError(f"layer {self.hp.layer} out of range: the model has {n} layers", field="layer")
+        encoder = self.hp.encoder
+        _require_pairs(encoder)
+        if _looks_like_path(encoder.name) and not Path(encoder.name).is_dir():
+            raise HarnessError(f"no encoder folder {encoder.name!r}", field="encoder.name")
+        sources = {"encoder.pairs": encoder.pairs if encoder.tuning != "frozen" else None}
+        if self.hp.augment.enabled or self.hp.familiarity.negatives:
+            sources["augment.source"] = self.hp.augment.source or encoder.pairs
+        for name, source in sources.items():
+            if source is not None and _is_local(source) and not Path(source).is_file():
+                raise HarnessError(f"no such data file {source!r}", field=name)
 
     def fit(self, model: Any, tokenizer: Any, cases, template: QueryTemplate) -> Edited:
         hp = self.params()

@@ -16,13 +16,13 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from meg_harness.errors import HarnessError
-from meg_harness.settings import require_positive_ints, settings_from_mapping
+from meg_harness.settings import POSITIVE, Rule, Settings, one_of, settings_from_mapping
 
 GENERATOR_KINDS = ("dit", "mlp")
 
@@ -37,7 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
-class GeneratorConfig:
+class GeneratorConfig(Settings):
     """Shape of a weight generator. ``vector_dim``: neuron vector length (2H, +1 with an FFN bias);
     ``cond_dim``: the encoder's embedding width. ``depth`` counts DiT blocks, or MLP residual blocks."""
 
@@ -50,12 +50,18 @@ class GeneratorConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
 
-    def __post_init__(self) -> None:
-        if self.kind not in GENERATOR_KINDS:
-            raise HarnessError(
-                f"unknown generator kind {self.kind!r}; use one of {GENERATOR_KINDS}", field="kind"
-            )
-        require_positive_ints(self, ("vector_dim", "cond_dim", "patch_size", "hidden", "depth", "heads"))
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        "vector_dim": POSITIVE,
+        "cond_dim": POSITIVE,
+        "kind": one_of(*GENERATOR_KINDS),
+        "patch_size": POSITIVE,
+        "hidden": POSITIVE,
+        "depth": POSITIVE,
+        "heads": POSITIVE,
+        "mlp_ratio": POSITIVE,
+    }
+
+    def check(self) -> None:
         if self.kind == "dit" and self.hidden % self.heads:
             raise HarnessError(f"hidden {self.hidden} is not divisible by heads {self.heads}", field="heads")
 
@@ -80,7 +86,7 @@ class GeneratorConfig:
             raise HarnessError(
                 f"{sorted(fixed)} come from the model and encoder, not hparams", field="generator"
             )
-        return settings_from_mapping(cls, {**values, **dims}, "generator", "generator.")
+        return settings_from_mapping(cls, {**values, **dims}, "generator setting", "generator.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

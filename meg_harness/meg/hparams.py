@@ -24,16 +24,23 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from meg_harness.data.sources import DATASETS
 from meg_harness.errors import HarnessError
 from meg_harness.meg.collect import CollectHParams
 from meg_harness.meg.diffusion import DiffusionConfig
 from meg_harness.meg.train_generator import TrainConfig
 from meg_harness.settings import (
+    NON_NEGATIVE,
+    POSITIVE,
+    Rule,
+    Settings,
+    at_least,
+    check_alg_name,
+    checked_value,
+    one_of,
     read_hparams_file,
-    require_non_negative,
-    require_positive_ints,
     settings_from_mapping,
     with_base,
 )
@@ -43,7 +50,7 @@ TOP_LEVEL = ("alg_name", "model_name", "layer", "seed", "base", *SECTIONS)
 
 
 @dataclass(frozen=True)
-class EncoderSettings:
+class EncoderSettings(Settings):
     """Stage 1 (4.1a). ``pairs``: a data file of pseudo-knowledge (original, paraphrase) pairs disjoint
     from the edits, read as ``pairs_format`` (counterfact | zsre | mquake); required unless frozen."""
 
@@ -57,9 +64,19 @@ class EncoderSettings:
     tau: float = 0.05
     batch_size: int = 64
 
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        "tuning": one_of("infonce", "mse", "frozen"),
+        "pairs_format": one_of(*DATASETS),
+        "max_pairs": POSITIVE,
+        "lr": POSITIVE,
+        "epochs": POSITIVE,
+        "tau": POSITIVE,
+        "batch_size": POSITIVE,
+    }
+
 
 @dataclass(frozen=True)
-class FamiliaritySettings:
+class FamiliaritySettings(Settings):
     """Stage 2 (4.1b). ``enabled: false`` routes every query to the generator (the no-FN ablation).
 
     ``negatives`` (this project's addition; 0 = the paper): that many prompts absent from the edits, drawn as
@@ -76,15 +93,20 @@ class FamiliaritySettings:
     negatives: int = 0
     negative_weight: float = 1.0
 
-    def __post_init__(self) -> None:
-        require_positive_ints(self, ("hidden", "n_blocks", "max_epochs"))
-        require_non_negative(self, ("threshold", "lr", "negatives", "negative_weight"))
-        if self.num_classes < 2:
-            raise HarnessError(f"num_classes must be at least 2, got {self.num_classes}", field="num_classes")
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        "threshold": NON_NEGATIVE,
+        "hidden": POSITIVE,
+        "n_blocks": POSITIVE,
+        "num_classes": at_least(2),
+        "lr": POSITIVE,
+        "max_epochs": POSITIVE,
+        "negatives": NON_NEGATIVE,
+        "negative_weight": NON_NEGATIVE,
+    }
 
 
 @dataclass(frozen=True)
-class AugmentSettings:
+class AugmentSettings(Settings):
     """A.3 data augmentation: ``n`` prompts from ``source`` (a data file disjoint from the edits; default the
     encoder's pairs file) are trained to generate the all-zero neuron. ``source`` also supplies the
     familiarity network's ``negatives``."""
@@ -94,13 +116,18 @@ class AugmentSettings:
     source: str | None = None
     source_format: str | None = None
 
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        "n": POSITIVE,
+        "source_format": one_of(*DATASETS),
+    }
+
 
 def _section(cls, mapping: Mapping[str, Any] | None, name: str):
-    return settings_from_mapping(cls, mapping, name, f"{name}.")
+    return settings_from_mapping(cls, mapping, f"{name} setting", f"{name}.")
 
 
 @dataclass(frozen=True)
-class MEGHyperParams:
+class MEGHyperParams(Settings):
     """Validated MeG hyper-parameters (see the module docstring for the YAML layout)."""
 
     layer: int
@@ -126,13 +153,13 @@ class MEGHyperParams:
                 raise HarnessError(
                     f"unknown MeG hparam(s) {unknown}; known: {list(TOP_LEVEL)}", field=unknown[0]
                 )
-            if values.get("alg_name", "MEG").upper() != "MEG":
-                raise HarnessError(f"alg_name is {values['alg_name']!r}, not MEG", field="alg_name")
-            layer = values.get("layer")
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise HarnessError(f"layer must be an integer, got {layer!r}", field="layer")
+            check_alg_name(values, "MEG")
+            layer = checked_value(values.get("layer"), int, None, "layer")
+            seed = checked_value(values.get("seed", 0), int, None, "seed")
+            for name in SECTIONS:
+                if not isinstance(values.get(name) or {}, Mapping):
+                    raise HarnessError(f"must be a mapping of settings, got {values[name]!r}", field=name)
             collect = {**dict(values.get("collect") or {}), "layer": layer}
-            seed = int(values.get("seed", 0))
             collect.setdefault("seed", seed)
             train = {"seed": seed, **dict(values.get("train") or {})}
             generator = dict(values.get("generator") or {"preset": "DiT-CPU"})
@@ -146,17 +173,14 @@ class MEGHyperParams:
                 seed=seed,
                 encoder=_section(EncoderSettings, values.get("encoder"), "encoder"),
                 familiarity=_section(FamiliaritySettings, values.get("familiarity"), "familiarity"),
-                collect=CollectHParams.from_mapping(collect),
+                collect=_section(CollectHParams, collect, "collect"),
                 generator=generator,
                 diffusion=DiffusionConfig.from_mapping(values.get("diffusion")),
                 train=TrainConfig.from_mapping(train),
                 augment=_section(AugmentSettings, values.get("augment"), "augment"),
             )
-        except (HarnessError, TypeError, ValueError) as error:
-            reason = error.reason if isinstance(error, HarnessError) else str(error)
-            field_name = error.field if isinstance(error, HarnessError) else None
-            file = error.file if isinstance(error, HarnessError) and error.file else source
-            raise HarnessError(reason, file=file, field=field_name) from None
+        except HarnessError as error:
+            raise HarnessError(error.reason, file=error.file or source, field=error.field) from None
 
     @classmethod
     def from_hparams(cls, path: str | os.PathLike) -> MEGHyperParams:

@@ -17,19 +17,29 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from meg_harness.budget import WallClock, stopped
 from meg_harness.errors import HarnessError
 from meg_harness.meg.diffusion import DiffusionConfig, WeightNormalizer, ddim_sample, v_prediction_loss
-from meg_harness.settings import require_non_negative, require_positive_ints, settings_from_mapping
+from meg_harness.settings import (
+    NON_NEGATIVE,
+    POSITIVE,
+    Rule,
+    Settings,
+    in_range,
+    one_of,
+    settings_from_mapping,
+)
 
 CHECKPOINT = "checkpoint.pt"
 LINEAGE = "lineage.json"
@@ -39,12 +49,14 @@ LENGTH_SETTINGS = ("max_steps", "lr_decay_steps")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     """Generator training settings. ``batch_size`` is the global batch (split across processes);
-    ``max_minutes`` caps wall time (a run stopped by it is not bit-reproducible); ``eval_every`` and
-    ``checkpoint_every`` are in steps. ``cond_noise`` (not in the paper; 0 = off) adds Gaussian noise to each
-    training condition, its norm about ``cond_noise`` times the conditions' mean norm, so that the generator
-    treats the neighbourhood of an edit prompt's embedding (its paraphrases) as that edit.
+    ``max_steps`` decides the result; ``max_minutes`` is only a wall-clock limit of one call (the checkpoint
+    is saved and :class:`~meg_harness.budget.TrainingStopped` raised: no result; the next call resumes, and
+    the finished run is that of an unstopped one); ``eval_every`` and ``checkpoint_every`` are in steps.
+    ``cond_noise`` (not in the paper; 0 = off) adds Gaussian noise to each training condition, its norm
+    about ``cond_noise`` times the conditions' mean norm, so that the generator treats the neighbourhood
+    of an edit prompt's embedding (its paraphrases) as that edit.
     ``lr_decay_steps`` (not in the paper; 0 = the paper's constant lr) lowers the lr linearly to 0 over the
     last that many steps, so that the generator settles into the training pairs (:func:`learning_rate`)."""
 
@@ -65,28 +77,34 @@ class TrainConfig:
     cond_noise: float = 0.0
     lr_decay_steps: int = 0
 
-    def __post_init__(self) -> None:
-        require_positive_ints(
-            self, ("batch_size", "max_steps", "eval_every", "eval_ddim_steps", "checkpoint_every")
-        )
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise HarnessError(
-                f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}",
-                field="mixed_precision",
-            )
-        require_non_negative(self, ("cond_noise", "lr_decay_steps"))
-        if isinstance(self.lr_decay_steps, float) or self.lr_decay_steps > self.max_steps:
+    CHECKS: ClassVar[Mapping[str, Rule]] = {
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "batch_size": POSITIVE,
+        "max_steps": POSITIVE,
+        "min_steps": NON_NEGATIVE,
+        "max_minutes": POSITIVE,
+        "ema_decay": in_range(0, 1, high_open=True),
+        "eval_every": POSITIVE,
+        "eval_ddim_steps": POSITIVE,
+        "success_l2": NON_NEGATIVE,
+        "checkpoint_every": POSITIVE,
+        "mixed_precision": one_of(*MIXED_PRECISION),
+        "cond_noise": NON_NEGATIVE,
+        "lr_decay_steps": NON_NEGATIVE,
+    }
+
+    def check(self) -> None:
+        if self.lr_decay_steps > self.max_steps:
             raise HarnessError(
                 f"lr_decay_steps must be an integer <= max_steps ({self.max_steps}), "
                 f"got {self.lr_decay_steps!r}",
                 field="lr_decay_steps",
             )
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise HarnessError(f"ema_decay must be in [0, 1), got {self.ema_decay}", field="ema_decay")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> TrainConfig:
-        return settings_from_mapping(cls, mapping, "training", "train.")
+        return settings_from_mapping(cls, mapping, "training setting", "train.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -211,6 +229,7 @@ def train_generator(
         generator.parameters(), decay=config.ema_decay, use_ema_warmup=config.ema_warmup, foreach=False
     )
     result = TrainResult()
+    window: list[float] = []  # losses since the last evaluation (checkpointed: a resume mid-window is exact)
     generator_rng = torch.Generator().manual_seed(config.seed * 1000 + rank)
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     if path is not None:
@@ -222,6 +241,7 @@ def train_generator(
         ema.load_state_dict(state["ema"])
         result = TrainResult(**state["result"])
         result.resumed_from = result.steps
+        window = list(state.get("window", []))
         generator_rng.set_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         if result.success and result.steps >= config.min_steps:
             return _ema_copy(generator, ema, copy), result
@@ -230,7 +250,7 @@ def train_generator(
     cond, targets = cond.to(device), targets.to(device)
     scheduler = diffusion.train_scheduler()
     noise_std = config.cond_noise * float(cond.float().norm(dim=1).mean()) / math.sqrt(cond.shape[1])
-    window: list[float] = []
+    clock = WallClock(config.max_minutes)
     bar = tqdm(
         total=config.max_steps, initial=result.steps, desc="generator", disable=not progress or rank != 0
     )
@@ -261,19 +281,26 @@ def train_generator(
             result.evaluations.append(evaluation)
             result.success = evaluation["l2_mean_plus_std"] < config.success_l2
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", l2=f"{evaluation['l2_mean_plus_std']:.3f}")
-        out_of_time = _agreed(
-            accelerator,
-            config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes,
-        )
+        clock.step_done()
         done = result.success and result.steps >= config.min_steps
+        out_of_time = _agreed(
+            accelerator, not done and result.steps < config.max_steps and clock.next_step_overruns()
+        )
         if path is not None and (result.steps % config.checkpoint_every == 0 or done or out_of_time):
             result.wall_s += time.perf_counter() - started
             started = time.perf_counter()
             state = _state(accelerator, model, optimizer, ema, result, generator_rng)  # collective: all ranks
+            state["window"] = list(window)
             if rank == 0:
                 _save_checkpoint(path, state)
         accelerator.wait_for_everyone()
-        if done or out_of_time:
+        if out_of_time:
+            bar.close()
+            where = path.parent if path is not None else "nowhere: no checkpoint_dir"
+            raise stopped(
+                "generator training", config.max_minutes, result.steps, config.max_steps, where, "max_minutes"
+            )
+        if done:
             break
     bar.close()
     result.wall_s += time.perf_counter() - started
@@ -357,15 +384,19 @@ def main(argv: list[str] | None = None) -> int:
     generator = build_generator(gen_config, seed=train.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ema_model, result = train_generator(
-        generator,
-        cond,
-        normalizer.normalize(neurons),
-        diffusion,
-        train,
-        checkpoint_dir=out,
-        accelerator=accelerator,
-    )
+    try:
+        ema_model, result = train_generator(
+            generator,
+            cond,
+            normalizer.normalize(neurons),
+            diffusion,
+            train,
+            checkpoint_dir=out,
+            accelerator=accelerator,
+        )
+    except HarnessError as error:  # e.g. stopped by max_minutes: one line, and the next call resumes
+        print(f"train_generator: error: {error}", file=sys.stderr)
+        return 2
     if accelerator.is_main_process:
         save_file(
             {k: v.contiguous() for k, v in ema_model.state_dict().items()}, str(out / "generator.safetensors")

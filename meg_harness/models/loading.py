@@ -145,6 +145,8 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+# files a saved tokenizer has at least one of (fast, or slow BPE / SentencePiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[\w.-]+)?$")
 
 
@@ -175,6 +177,12 @@ def load_model(
         is_path = source.startswith(("/", ".", "~"))
         what = "does not exist" if is_path else "is neither a model directory nor a hub id"
         raise HarnessError(f"{source} {what}", field="model")
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise HarnessError(
+            f"{source} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the tokenizer beside "
+            "the weights (tokenizer.save_pretrained)",
+            field="model",
+        )
     where = str(path) if path.is_dir() else source
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)

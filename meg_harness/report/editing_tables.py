@@ -8,13 +8,20 @@ from collections.abc import Sequence
 from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
 from meg_harness.report.markdown import file_part, metric_cells, paper_cells, paper_label, pipe_table, section
 from meg_harness.report.outputs import Built, Output, Skipped, markdown_output
-from meg_harness.report.paper import layout_table, paper_row
-from meg_harness.report.results import COLUMN_TITLES, best_values
+from meg_harness.report.paper import PaperRow, layout_table, paper_row
+from meg_harness.report.results import (
+    COLUMN_TITLES,
+    STARTS_WITH_NOTE,
+    STARTS_WITH_TITLES,
+    best_values,
+    format_cell,
+)
 from meg_harness.report.runs import RunResult, Setting
 
 EDITING = "Tables 1-2, 9-14 (editing performance per dataset × model × scale)"
 ALPHAEDIT = "Table 19 (AlphaEdit vs MeG by edit scale)"
 METRIC_HEADER = [COLUMN_TITLES[k] for k in ALL_METRIC_KEYS]
+STARTS_WITH_HEADER = list(STARTS_WITH_TITLES.values())
 LEGEND = (
     "Percentages; mean ± sample std over seeds where there are several. **Bold**: the best edited method "
     "per column (`none`, the unedited model, is the reference). Rows marked ↳ paper hold the paper's "
@@ -29,7 +36,14 @@ def row_labels(rows: Sequence[RunResult]) -> list[str]:
 
 
 def our_row(label: str, row: RunResult, best: dict[str, float], n_rows: int) -> list[str]:
-    return [label, *metric_cells(row, row.stds, ALL_METRIC_KEYS, best, n_rows), str(len(row.seeds))]
+    metrics = metric_cells(row, row.stds, ALL_METRIC_KEYS, best, n_rows)
+    starts_with = [format_cell(row.starts_with.get(kind)) for kind in STARTS_WITH_TITLES]
+    return [label, *metrics, *starts_with, str(len(row.seeds))]
+
+
+def paper_row_cells(paper: PaperRow) -> list[str]:
+    """The paper's row under one of ours: its protocol metrics; no starts-with rates, no seeds."""
+    return [paper_label(paper), *paper_cells(paper, ALL_METRIC_KEYS), *["–"] * len(STARTS_WITH_HEADER), "–"]
 
 
 def editing_tables(runs: Sequence[RunResult]) -> Built:
@@ -50,7 +64,7 @@ def _editing_file(setting: Setting, rows: list[RunResult]) -> Output:
         body.append(our_row(label, row, best, len(rows)))
         paper = paper_row("editing", model, dataset, n_edits, row.method)
         if paper is not None:
-            body.append([paper_label(paper), *paper_cells(paper, ALL_METRIC_KEYS), "–"])
+            body.append(paper_row_cells(paper))
             n_paper += 1
     layout = layout_table("editing", dataset, n_edits)
     notes = [
@@ -58,12 +72,13 @@ def _editing_file(setting: Setting, rows: list[RunResult]) -> Output:
         if layout
         else "Layout of the paper's Tables 1-2 and 9-14 (the paper has no table for this dataset and scale).",
         LEGEND,
+        STARTS_WITH_NOTE,
     ]
     if not n_paper:
         notes.append(
             f"The paper publishes no numbers for this setting ({model}, {dataset}, {n_edits} edits)."
         )
-    table = pipe_table(["Method", *METRIC_HEADER, "Seeds"], body)
+    table = pipe_table(["Method", *METRIC_HEADER, *STARTS_WITH_HEADER, "Seeds"], body)
     title = f"Editing performance: {setting.title}"
     name = f"editing_{file_part(dataset)}_{file_part(model)}_{setting.file_part}.md"
     return markdown_output(name, title, section(setting.title, notes, table))
@@ -91,9 +106,14 @@ def _alphaedit_file(model: str, dataset: str, runs: Sequence[RunResult]) -> Outp
             body.append([scale, *our_row(label, row, best, len(rows))])
             paper = paper_row("editing", model, dataset, n_edits, row.method, prefer="Table 19")
             if paper is not None:
-                body.append(["", paper_label(paper), *paper_cells(paper, ALL_METRIC_KEYS), "–"])
-    notes = ["Layout of the paper's Table 19 (AlphaEdit vs MeG for Phi-2 on ZsRE by edit scale).", LEGEND]
-    table = pipe_table(["Edits", "Method", *METRIC_HEADER, "Seeds"], body, text_columns=2)
+                body.append(["", *paper_row_cells(paper)])
+    notes = [
+        "Layout of the paper's Table 19 (AlphaEdit vs MeG for Phi-2 on ZsRE by edit scale).",
+        LEGEND,
+        STARTS_WITH_NOTE,
+    ]
+    header = ["Edits", "Method", *METRIC_HEADER, *STARTS_WITH_HEADER, "Seeds"]
+    table = pipe_table(header, body, text_columns=2)
     title = f"AlphaEdit vs MeG by edit scale: {dataset} · {model}"
     name = f"alphaedit_by_scale_{file_part(dataset)}_{file_part(model)}.md"
     return markdown_output(name, title, section(f"{model} · {dataset}", notes, table))

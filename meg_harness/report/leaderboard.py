@@ -13,11 +13,16 @@ from meg_harness.errors import HarnessError
 from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
 from meg_harness.report.results import (
     COLUMN_TITLES,
+    STARTS_WITH_CSV,
+    STARTS_WITH_NOTE,
+    STARTS_WITH_TITLES,
     best_values,
     format_cell,
     is_marked,
     metric_values,
     read_json,
+    read_result,
+    starts_with_rates,
 )
 from meg_harness.report.runs import edit_selection, setting_title
 
@@ -32,6 +37,7 @@ class Row:
     values: dict[str, float]
     stds: dict[str, float]
     n_seeds: int
+    starts_with: dict[str, float]  # per probe kind (STARTS_WITH_TITLES); NaN when not recorded
 
 
 def collect_rows(directory: Path) -> list[Row]:
@@ -43,8 +49,8 @@ def collect_rows(directory: Path) -> list[Row]:
     for path in sorted(directory.rglob("metrics.json")):
         if path.parent.name.startswith("seed") or any(p.startswith(".") for p in path.parts):
             continue
-        data = read_json(path)
-        if not isinstance(data, dict) or "method" not in data or "config" not in data:
+        data = read_result(path)
+        if "method" not in data or "config" not in data:
             continue  # not a seed-averaged result of ours
         values = metric_values(data, path)
         config = data["config"]
@@ -58,11 +64,20 @@ def collect_rows(directory: Path) -> list[Row]:
                 values,
                 {k: float(data.get(f"{k}_std", math.nan)) for k in ALL_METRIC_KEYS},
                 len(data.get("seeds", [0])),
+                _starts_with(path, data),
             )
         )
     if not rows:
         raise HarnessError("no results found (looked for <method>/metrics.json)", file=directory)
     return sorted(rows, key=lambda r: (r.group, r.method != "none", -r.values["score"], r.method))
+
+
+def _starts_with(path: Path, averaged: dict) -> dict[str, float]:
+    """The starts-with rates of a seed-averaged result (older runs recorded them per seed only)."""
+    if "ag_prefix" in averaged:
+        return starts_with_rates([averaged])
+    seeds = [read_json(p) for p in sorted(path.parent.glob("seed*/metrics.json"))]
+    return starts_with_rates([s for s in seeds if isinstance(s, dict)])
 
 
 def _best(rows: Sequence[Row]) -> dict[str, float]:
@@ -99,13 +114,14 @@ def _csv(rows: Sequence[Row]) -> str:
             "n_seeds",
             *ALL_METRIC_KEYS,
             *(f"{k}_std" for k in ALL_METRIC_KEYS),
+            *STARTS_WITH_CSV.values(),
         ]
     )
     for row in rows:
         stds = ["" if math.isnan(row.stds[k]) else f"{row.stds[k]:.4f}" for k in ALL_METRIC_KEYS]
-        writer.writerow(
-            [*row.group, row.method, row.n_seeds, *(f"{row.values[k]:.4f}" for k in ALL_METRIC_KEYS), *stds]
-        )
+        values = [f"{row.values[k]:.4f}" for k in ALL_METRIC_KEYS]
+        starts_with = ["" if math.isnan(v) else f"{v:.4f}" for v in row.starts_with.values()]
+        writer.writerow([*row.group, row.method, row.n_seeds, *values, *stds, *starts_with])
     return buffer.getvalue()
 
 
@@ -114,15 +130,19 @@ def _markdown(groups: dict[tuple[str, str, str, str], list[Row]]) -> str:
     for group, rows in groups.items():
         best = _best(rows)
         lines += [f"### {setting_title(*group)}", ""]
-        lines.append("| Method | " + " | ".join(COLUMN_TITLES[k] for k in ALL_METRIC_KEYS) + " |")
-        lines.append("|---|" + "---:|" * len(ALL_METRIC_KEYS))
+        titles = [COLUMN_TITLES[k] for k in ALL_METRIC_KEYS] + list(STARTS_WITH_TITLES.values())
+        lines.append("| Method | " + " | ".join(titles) + " |")
+        lines.append("|---|" + "---:|" * len(titles))
         for row in rows:
             cells = []
             for key in ALL_METRIC_KEYS:
                 marked = is_marked(row, key, best, len(rows))
                 cells.append(f"**{_cell(row, key)}**" if marked else _cell(row, key))
+            cells += [format_cell(row.starts_with[kind]) for kind in STARTS_WITH_TITLES]
             lines.append(f"| {row.method} | " + " | ".join(cells) + " |")
         lines.append("")
+    if groups:
+        lines += [STARTS_WITH_NOTE, ""]
     return "\n".join(lines)
 
 
@@ -131,9 +151,10 @@ def _latex(groups: dict[tuple[str, str, str, str], list[Row]]) -> str:
     for group, rows in groups.items():
         best = _best(rows)
         lines.append(f"% {setting_title(*group)}")
-        lines.append("\\begin{tabular}{l" + "r" * len(ALL_METRIC_KEYS) + "}")
+        titles = [COLUMN_TITLES[k] for k in ALL_METRIC_KEYS] + list(STARTS_WITH_TITLES.values())
+        lines.append("\\begin{tabular}{l" + "r" * len(titles) + "}")
         lines.append("\\toprule")
-        lines.append("Method & " + " & ".join(COLUMN_TITLES[k] for k in ALL_METRIC_KEYS) + " \\\\")
+        lines.append("Method & " + " & ".join(titles) + " \\\\")
         lines.append("\\midrule")
         for row in rows:
             cells = []
@@ -141,6 +162,7 @@ def _latex(groups: dict[tuple[str, str, str, str], list[Row]]) -> str:
                 text = _cell(row, key).replace("±", "$\\pm$")
                 marked = is_marked(row, key, best, len(rows))
                 cells.append(f"\\textbf{{{text}}}" if marked else text)
+            cells += [format_cell(row.starts_with[kind]).replace("–", "--") for kind in STARTS_WITH_TITLES]
             lines.append(row.method.replace("_", "\\_") + " & " + " & ".join(cells) + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}", ""]
     return "\n".join(lines)

@@ -36,6 +36,15 @@ def read_json(path: Path) -> Any:
         raise HarnessError(f"unreadable result file: {error}", file=path) from None
 
 
+def read_result(path: Path) -> dict[str, Any]:
+    """A ``metrics.json``: a JSON object, else a :class:`HarnessError` naming the file."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        kind = {list: "list", str: "string", bool: "boolean"}.get(type(data), type(data).__name__)
+        raise HarnessError(f"a result file must be a JSON object, got a JSON {kind}", file=path)
+    return data
+
+
 def metric_values(
     data: Mapping[str, Any], path: Path, keys: Sequence[str] = ALL_METRIC_KEYS
 ) -> dict[str, float]:
@@ -49,6 +58,32 @@ def metric_values(
             raise HarnessError(f"metric is not a number: {value!r}", file=path, field=key)
         values[key] = float(value)
     return values
+
+
+# The starts-with rate of greedy answers per probe kind (``ag_prefix`` in metrics.json): shown beside the
+# protocol's strict AG so that our baseline numbers can be set beside the paper's, whose baseline code
+# scored AG this way.
+STARTS_WITH_TITLES = {"edit": "Rel AG starts-with", "rephrase": "Gen AG starts-with"}
+STARTS_WITH_CSV = {"edit": "reliability_ag_starts_with", "rephrase": "generality_ag_starts_with"}
+STARTS_WITH_NOTE = (
+    "*AG starts-with*: the share of greedy answers that begin with the target (edit prompts, rephrases), "
+    "the rule of the paper's baseline code; the protocol's AG is an exact match, and the Score uses only "
+    "the six protocol metrics."
+)
+
+
+def starts_with_rates(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean ``ag_prefix`` rate per probe kind over metric records (seeds); NaN where a record has none."""
+    rates = {}
+    for kind in STARTS_WITH_TITLES:
+        numbers = []
+        for record in records:
+            value = (record.get("ag_prefix") or {}).get(kind)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers.append(float(value))
+        complete = bool(records) and len(numbers) == len(records)
+        rates[kind] = math.fsum(numbers) / len(numbers) if complete else math.nan
+    return rates
 
 
 def format_cell(value: float | None, std: float = math.nan) -> str:

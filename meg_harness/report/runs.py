@@ -19,7 +19,7 @@ from typing import Any
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
 from meg_harness.report.model_names import canonical_model
-from meg_harness.report.results import metric_values, read_json
+from meg_harness.report.results import metric_values, read_json, read_result, starts_with_rates
 
 SEED_FOLDER = re.compile(r"^seed(\d+)$")
 ARTIFACT_CONFIG = Path("artifact") / "config.json"
@@ -83,6 +83,7 @@ class RunResult:
     seeds: tuple[int, ...]
     run: str  # the run folder, relative to the scanned folder (POSIX)
     hparams: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    starts_with: Mapping[str, float] = field(default_factory=dict, compare=False)  # per probe kind
 
     @property
     def model(self) -> str:
@@ -133,8 +134,8 @@ def collect_runs(directory: Path, skip: Sequence[Path] = ()) -> list[RunResult]:
     per_method: dict[Path, list[tuple[Path, dict]]] = {}
     averaged: dict[Path, tuple[Path, dict]] = {}
     for path in visible_files(directory, "metrics.json", skip):
-        data = read_json(path)
-        if not isinstance(data, dict) or "method" not in data or "config" not in data:
+        data = read_result(path)
+        if "method" not in data or "config" not in data:
             continue  # not a result of ours
         if SEED_FOLDER.match(path.parent.name):
             per_method.setdefault(path.parent.parent, []).append((path, data))
@@ -190,6 +191,7 @@ def _from_seeds(directory: Path, folder: Path, files: list[tuple[Path, dict]]) -
         tuple(sorted(seeds)),
         _run_name(directory, folder),
         hparams if isinstance(hparams, dict) else {},
+        starts_with_rates([data for _, data in files]),
     )
 
 
@@ -221,4 +223,5 @@ def _from_average(directory: Path, folder: Path, path: Path, data: dict) -> RunR
         seeds,
         _run_name(directory, folder),
         hparams,
+        starts_with_rates([data]),
     )
