@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_baselines_support import TEMPLATE, deep_model, identical, snapshot
+from test_baselines_support import TEMPLATE, counterfact_records, deep_model, identical, snapshot
 
 import meg_harness.baselines.malmen_train as malmen_train
 from meg_harness.baselines.malmen import MALMEN
@@ -406,19 +406,7 @@ def test_delta_artifact_roundtrip_is_bit_exact(arch, tmp_path, capsys):
     model, tok = deep_model(arch)
     before = snapshot(model)
     # training facts from a file (CounterFact format), as a run config would give them
-    records = [
-        {
-            "case_id": i,
-            "prompt": c.prompt,
-            "subject": c.subject,
-            "target_new": c.target_new,
-            "ground_truth": "Paris",
-            "rephrase_prompt": c.rephrases[0],
-            "locality_prompt": c.locality[0].prompt,
-            "locality_ground_truth": "French",
-        }
-        for i, c in enumerate(TRAIN[:16])
-    ]
+    records = counterfact_records(TRAIN[:16])
     (tmp_path / "train.json").write_text(json.dumps(records))
     train = dict(train_dataset="counterfact", train_path=str(tmp_path / "train.json"), n_epochs=1)
     instance = editor(tmp_path / "cache", cases=None, **train)

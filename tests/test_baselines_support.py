@@ -61,6 +61,23 @@ def nll(model, tok, cases=CASES) -> torch.Tensor:
     return target_nll(model, tok, _examples(tok, cases, TEMPLATE, terminator=False))
 
 
+def counterfact_records(cases) -> list[dict]:
+    """``cases`` as records of a flattened CounterFact file (what a run config's ``data_path`` reads)."""
+    return [
+        {
+            "case_id": i,
+            "prompt": c.prompt,
+            "subject": c.subject,
+            "target_new": c.target_new,
+            "ground_truth": "Paris",
+            "rephrase_prompt": c.rephrases[0],
+            "locality_prompt": c.locality[0].prompt,
+            "locality_ground_truth": "French",
+        }
+        for i, c in enumerate(cases)
+    ]
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -23,7 +23,15 @@ import yaml
 from safetensors import safe_open
 from test_baselines_malmen import HELD_OUT, TRAIN
 from test_baselines_malmen import editor as malmen_editor
-from test_baselines_support import HPARAMS, TEMPLATE, deep_model, identical, nll, snapshot
+from test_baselines_support import (
+    HPARAMS,
+    TEMPLATE,
+    counterfact_records,
+    deep_model,
+    identical,
+    nll,
+    snapshot,
+)
 from test_meg_editor import tiny_hparams
 
 import meg_harness.meg.editor as meg_editor_module
@@ -259,19 +267,7 @@ def test_run_config_dtype_edits_and_scores_in_half_precision(tmp_path):
     model, tok = deep_model("gpt2")
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    records = [
-        {
-            "case_id": i,
-            "prompt": c.prompt,
-            "subject": c.subject,
-            "target_new": c.target_new,
-            "ground_truth": "Paris",
-            "rephrase_prompt": c.rephrases[0],
-            "locality_prompt": c.locality[0].prompt,
-            "locality_ground_truth": "French",
-        }
-        for i, c in enumerate(CASES)
-    ]
+    records = counterfact_records(CASES)
     (tmp_path / "cf.json").write_text(json.dumps(records))
     methods = ["ft", "memit"]
     config = {
