@@ -55,6 +55,7 @@ def main() -> None:
         result = optimise_values(model, tokenizer, plans, sites, hp, layer=z_layer, progress=False)
         seconds[name].append((time.perf_counter() - started) / len(cases))
         nll[name] = statistics.fmean(result.nll)
+        print(f"{name}: {seconds[name][-1]:.2f} s/edit", flush=True)  # a long run shows its progress
     for name in settings:
         runs = ", ".join(f"{s:.2f}" for s in seconds[name])
         mean = statistics.fmean(seconds[name])
