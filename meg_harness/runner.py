@@ -88,7 +88,7 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
             config.dataset, config.data_path, zsre_target=config.zsre_target, cache_dir=config.cache_dir
         )
     _check_previous_run(out, config)
-    _check_finished_hparams(out, config, hparams)
+    _check_finished_hparams(out, config, hparams, editor_classes)
     n_first = None if config.filter_known else config.n_edits  # the A.9 filter samples after filtering
     with _in_config(config_source, "n_edits"):
         selected = {
@@ -334,9 +334,12 @@ def _merged_with_previous(out: Path, new: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _check_finished_hparams(out: Path, config: RunConfig, hparams: dict[str, dict[str, Any]]) -> None:
+def _check_finished_hparams(
+    out: Path, config: RunConfig, hparams: dict[str, dict[str, Any]], editor_classes: dict[str, type]
+) -> None:
     """Refuse to skip a finished method whose hparams are not the ones it would run with now: the config
-    names a YAML file whose contents changed since (the run config itself only holds its path)."""
+    names a YAML file whose contents changed since (the run config itself only holds its path). A key
+    written out since with its default value is no change."""
     for seed in config.seeds:
         for method in config.methods:
             finished = out / method / f"seed{seed}" / "metrics.json"
@@ -348,6 +351,10 @@ def _check_finished_hparams(out: Path, config: RunConfig, hparams: dict[str, dic
             if BASE_KEY in recorded:  # results written before variants were recorded resolved
                 recorded = with_base(recorded)
             was, now = flatten(recorded), flatten(json.loads(json.dumps(hparams[method])))
+            with contextlib.suppress(HarnessError):  # recorded hparams no longer valid: compare as written
+                editor_class = editor_classes[method]
+                was = flatten(editor_class(recorded).resolved_hparams())
+                now = flatten(editor_class(hparams[method]).resolved_hparams())
             changed = sorted(k for k in set(was) | set(now) if was.get(k, "absent") != now.get(k, "absent"))
             if changed:
                 raise HarnessError(

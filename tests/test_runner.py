@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from meg_harness.cli import main
+from meg_harness.errors import HarnessError
 from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
 
 VOLATILE = {"timings", "resources", "git_sha"}
@@ -269,3 +270,21 @@ def test_a_variant_of_any_method_extends_a_base_hparams_file(tmp_path):
         "v_lr": 0.5,
         "kl_factor": 1.0,
     }
+
+
+def test_a_key_written_out_with_its_default_is_no_hparams_change(tmp_path):
+    """A finished result recorded before ``terminator`` was written into the hparams file (so without it)
+    is skipped when the file now says ``terminator: false`` (the default), recomputed when it says true."""
+    from meg_harness.baselines.ft import FT
+    from meg_harness.config import parse_config
+    from meg_harness.runner import _check_finished_hparams
+
+    finished = tmp_path / "ft" / "seed0" / "metrics.json"
+    finished.parent.mkdir(parents=True)
+    finished.write_text(json.dumps({"hparams": {"layers": [0], "lr": 0.5}}))
+    config = parse_config({"model": "m", "data_path": "d.json", "n_edits": 1, "methods": ["ft"]})
+    same = {"ft": {"layers": [0], "lr": 0.5, "terminator": False}}
+    _check_finished_hparams(tmp_path, config, same, {"ft": FT})  # no error
+    other = {"ft": {"layers": [0], "lr": 0.5, "terminator": True}}
+    with pytest.raises(HarnessError, match=r"other hparams \(changed: terminator\)"):
+        _check_finished_hparams(tmp_path, config, other, {"ft": FT})

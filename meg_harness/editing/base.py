@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -49,6 +50,14 @@ class Editor(ABC):
         """Subclasses validate ``hparams`` here: a bad value raises HarnessError before any work starts."""
         self.hparams = dict(hparams or {})
         self.cache_dir: Path | None = None  # None: meg-harness's cache ($MEG_HARNESS_CACHE)
+
+    def resolved_hparams(self) -> dict[str, Any]:
+        """The hparams with every default filled in: what a result was computed with. Two mappings that
+        differ only by a key set to its default resolve equally. Default: the mapping as given."""
+        settings = getattr(self, "hp", None)  # the baselines' validated settings dataclass
+        if dataclasses.is_dataclass(settings):
+            return json.loads(json.dumps(dataclasses.asdict(settings), default=str))
+        return dict(self.hparams)
 
     def preflight(self, model: Any) -> None:
         """Check what the hparams can only be checked against (the loaded model's depth, files they name)
