@@ -74,10 +74,26 @@ def _full_tree(root: Path) -> None:
         run = f"cf/n{n_edits}"
         _seed(root, run, "none", 0, [0, 2, 0, 3, 100, 100, 0], n_edits=n_edits)
         starts = [{"edit": 92.0, "rephrase": 52.0}, {"edit": 96.0, "rephrase": 60.0}]
-        _seed(root, run, "meg", 0, [90, 91, 50, 55, 80, 90, 60 + shift], n_edits=n_edits, hparams=MEG_HPARAMS,
-              ag_prefix=starts[0])
-        _seed(root, run, "meg", 1, [94, 95, 54, 59, 84, 94, 64 + shift], n_edits=n_edits, hparams=MEG_HPARAMS,
-              ag_prefix=starts[1])
+        _seed(
+            root,
+            run,
+            "meg",
+            0,
+            [90, 91, 50, 55, 80, 90, 60 + shift],
+            n_edits=n_edits,
+            hparams=MEG_HPARAMS,
+            ag_prefix=starts[0],
+        )
+        _seed(
+            root,
+            run,
+            "meg",
+            1,
+            [94, 95, 54, 59, 84, 94, 64 + shift],
+            n_edits=n_edits,
+            hparams=MEG_HPARAMS,
+            ag_prefix=starts[1],
+        )
         _seed(root, run, "memit", 0, [70, 80, 30, 40, 20, 50, 35 + shift], n_edits=n_edits)
     variant = {"base": "hparams/MEG/x.yaml", "familiarity": {"threshold": 0.3}}
     _seed(root, "cf/n4", "meg@eps0.3", 0, [90, 91, 55, 60, 70, 85, 58], hparams=variant)

@@ -100,9 +100,7 @@ def build_plans(
         for prefix in ("", *prefixes):
             text = template.format(prefix + case.prompt)
             contexts.append(subject_row(tokenizer, text, question_at + len(prefix) + end))
-        target = encode_answer(
-            tokenizer, template, case.target_new, terminator=terminator, where=case.source
-        )
+        target = encode_answer(tokenizer, template, case.target_new, terminator=terminator, where=case.source)
         kl_text = kl_prompt.replace("{}", case.subject, 1)
         kl = subject_row(tokenizer, kl_text, kl_prompt.index("{}") + len(case.subject))
         types = (1, len(prefixes)) if prefixes else (1,)
