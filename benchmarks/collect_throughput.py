@@ -26,9 +26,9 @@ import dataclasses
 import torch
 
 from meg_harness.data import load_cases
-from meg_harness.evaluate.templates import get_template
 from meg_harness.meg.collect import CollectHParams, CollectionResult, collect_neurons
 from meg_harness.models import get_adapter, load_model
+from meg_harness.prompts import get_template
 
 
 def report(name: str, result: CollectionResult) -> float:

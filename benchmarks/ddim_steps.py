@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from meg_harness.editing.base import Edited
-from meg_harness.evaluate.evaluator import Evaluator, encode_query
+from meg_harness.evaluate.evaluator import Evaluator
 from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
 from meg_harness.evaluate.scoring import Probe, greedy_answers
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.prompts import encode_query
 from meg_harness.runner import load_run_edit, run_cases
 
 

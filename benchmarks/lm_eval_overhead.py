@@ -25,14 +25,15 @@ import argparse
 import logging
 import time
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from meg_harness.shipped import tasks_root
+
 REPO = Path(__file__).resolve().parents[1]
-TASKS_PATH = resources.files("meg_harness") / "tasks"  # what `meg-harness tasks-path` prints
+TASKS_PATH = tasks_root()  # what `meg-harness tasks-path` prints
 DEFAULT_GENERAL_DATA = REPO.parent / "shared" / "data" / "general"
 
 

@@ -27,9 +27,9 @@ from meg_harness.data import load_cases
 from meg_harness.editing.base import Edited
 from meg_harness.editing.registry import get_editor_class
 from meg_harness.evaluate.evaluator import Evaluator
-from meg_harness.evaluate.templates import get_template
 from meg_harness.models import get_adapter, load_model
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.prompts import get_template
 from meg_harness.settings import read_hparams_file
 
 REPO = Path(__file__).resolve().parents[1]

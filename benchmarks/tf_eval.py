@@ -16,10 +16,9 @@ import torch
 
 from meg_harness.data import load_cases
 from meg_harness.editing.base import Edited
-from meg_harness.evaluate.evaluator import encode_query, encode_target
 from meg_harness.evaluate.scoring import Probe, teacher_forced_accuracy
-from meg_harness.evaluate.templates import get_template
 from meg_harness.models import get_adapter, load_model
+from meg_harness.prompts import encode_query, encode_target, get_template
 
 
 @torch.no_grad()

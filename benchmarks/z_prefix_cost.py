@@ -23,8 +23,8 @@ from meg_harness.baselines.prefixes import generate_prefixes
 from meg_harness.baselines.values import optimise_values
 from meg_harness.config import load_hparams
 from meg_harness.data import load_cases
-from meg_harness.evaluate.templates import get_template
 from meg_harness.models import get_adapter, load_model
+from meg_harness.prompts import get_template
 
 
 def main() -> None:

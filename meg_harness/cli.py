@@ -95,27 +95,19 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-HPARAMS_DIR = Path(__file__).resolve().parent.parent / "hparams" / "MEG"
-
-
 def _collect_hparams_path(value: str | None, model: str) -> Path:
-    """``--hparams`` as given, else ``hparams/MEG/collect-<model>.yaml`` when the model is an alias that has
-    one, else the SmolLM2 file (its ``layer`` is swept anyway)."""
+    """``--hparams`` as given, else the shipped ``hparams/MEG/collect-<model>.yaml`` when the model is an
+    alias that has one, else the SmolLM2 file (its ``layer`` is swept anyway)."""
+    from meg_harness.shipped import hparams_root
+
     if value is not None:
         return Path(value)
-    own = HPARAMS_DIR / f"collect-{model.lower()}.yaml"
-    path = own if own.is_file() else HPARAMS_DIR / "collect-smollm2-135m.yaml"
+    folder = hparams_root() / "MEG"
+    own = folder / f"collect-{model.lower()}.yaml"
+    path = own if own.is_file() else folder / "collect-smollm2-135m.yaml"
     if not path.is_file():
         raise HarnessError(f"no default collection hparams at {path}; pass --hparams", field="hparams")
     return path
-
-
-def _display_path(path: Path) -> str:
-    """``path`` relative to the repository (for the shipped hparams), else as given."""
-    try:
-        return str(path.resolve().relative_to(HPARAMS_DIR.parent.parent))
-    except ValueError:
-        return str(path)
 
 
 def _cmd_layer_sweep(args: argparse.Namespace) -> int:
@@ -123,7 +115,6 @@ def _cmd_layer_sweep(args: argparse.Namespace) -> int:
 
     from meg_harness.cache import atomic_write_text
     from meg_harness.data import load_cases, select_cases
-    from meg_harness.evaluate.templates import get_template
     from meg_harness.meg.collect import CollectHParams
     from meg_harness.meg.layer_sweep import (
         best_layer,
@@ -135,7 +126,9 @@ def _cmd_layer_sweep(args: argparse.Namespace) -> int:
         sweep_table,
     )
     from meg_harness.models import get_adapter, load_model, model_fingerprint
+    from meg_harness.prompts import get_template
     from meg_harness.provenance import git_sha, versions
+    from meg_harness.shipped import display_path
 
     started = time.perf_counter()
     # everything a user can get wrong is checked before the model is loaded or anything is written
@@ -187,7 +180,7 @@ def _cmd_layer_sweep(args: argparse.Namespace) -> int:
         "range": list(index_range) if index_range is not None else None,
         "layers": layers,
         "template": {"name": template.name, "text": template.text},
-        "hparams_file": _display_path(hparams_path),
+        "hparams_file": display_path(hparams_path),
         "hparams": {k: v for k, v in hparams.to_dict().items() if k != "layer"},
         "case_ids": [c.case_id for c in cases],
         "device": args.device,
@@ -219,7 +212,9 @@ def _cmd_layer_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_tasks_path(args: argparse.Namespace) -> int:
-    print(resources.files("meg_harness") / "tasks")
+    from meg_harness.shipped import tasks_root
+
+    print(tasks_root())
     return 0
 
 

@@ -35,7 +35,7 @@ def _distinct(values: list) -> bool:
 
 @dataclass
 class RunConfig(Settings):
-    """One experiment. Keys keep their meaning once landed; see DESIGN.md (CLI contract)."""
+    """One experiment. Keys keep their meaning once landed; see README.md ("Run config")."""
 
     model: str = "smollm2-135m"
     dataset: str = "counterfact"

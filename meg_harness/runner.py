@@ -1,20 +1,18 @@
 """`meg-harness run`: config -> cases -> each method fitted and scored per seed -> result files.
 
-Layout written under OUT (see DESIGN.md): ``<method>/seed<k>/{metrics.json, items.jsonl, artifact/}``
-and ``<method>/metrics.json`` (averaged over seeds); with ``n_edits`` a list of scales, that layout under
-``OUT/n<N>/`` for each. A finished method/seed (its metrics.json exists)
-is not recomputed; each one is written into a temporary folder and renamed when complete.
+Layout written under OUT (ARCHITECTURE.md, "Data flow of a run"):
+``<method>/seed<k>/{metrics.json, items.jsonl, artifact/}`` and ``<method>/metrics.json`` (averaged over
+seeds); with ``n_edits`` a list of scales, that layout under ``OUT/n<N>/`` for each. A finished method/seed
+(its metrics.json exists) is not recomputed; each one is written into a temporary folder and renamed when
+complete. Where and how results are written, and the checks before a run writes into a folder again:
+:mod:`meg_harness.store`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
-import shutil
-import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,27 +21,40 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from meg_harness.cache import atomic_write_text, content_hash
 from meg_harness.config import RunConfig, load_hparams
 from meg_harness.data import filter_unknown_facts, load_cases, select_cases
 from meg_harness.data.edit_case import EditCase
 from meg_harness.editing.base import Edited
 from meg_harness.editing.registry import get_editor_class
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.evaluator import Evaluator, encode_query
+from meg_harness.evaluate.evaluator import Evaluator
 from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
 from meg_harness.evaluate.scoring import Probe, greedy_answers
-from meg_harness.evaluate.templates import get_template
-from meg_harness.lm_eval_plugin.export import ARTIFACT_FILE as CASES_FILE
-from meg_harness.lm_eval_plugin.export import write_cases_file
 from meg_harness.lock import output_lock
 from meg_harness.models import get_adapter, load_model, model_fingerprint
+from meg_harness.prompts import encode_query, get_template
 from meg_harness.provenance import git_sha, peak_rss_mb, versions
-from meg_harness.settings import BASE_KEY, flatten, key_origin, with_base
+from meg_harness.settings import key_origin
+from meg_harness.shipped import hparams_root
+from meg_harness.store import (
+    ARTIFACT,
+    CASES_FILE,
+    RUN_CONFIG,
+    aggregate,
+    check_finished_hparams,
+    check_previous_run,
+    is_finished,
+    read_metrics,
+    seed_dir,
+    staged,
+    write_cases_file,
+    write_items,
+    write_metrics,
+    write_run_config,
+)
 
 Log = Callable[[str], None]
 T = TypeVar("T")
-HPARAMS_ROOT = Path(__file__).resolve().parent.parent / "hparams"  # the shipped files (a source checkout)
 
 
 def seed_everything(seed: int) -> None:
@@ -87,8 +98,8 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
         all_cases = load_cases(
             config.dataset, config.data_path, zsre_target=config.zsre_target, cache_dir=config.cache_dir
         )
-    _check_previous_run(out, config)
-    _check_finished_hparams(out, config, hparams, editor_classes)
+    check_previous_run(out, config)
+    check_finished_hparams(out, config, hparams, editor_classes)
     n_first = None if config.filter_known else config.n_edits  # the A.9 filter samples after filtering
     with _in_config(config_source, "n_edits"):
         selected = {
@@ -122,13 +133,12 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
         evaluator.check_inputs(model, cases)
         cases_per_seed[seed] = cases
     # Everything is validated: from here on, results are written.
-    recorded = _merged_with_previous(out, config.to_dict())
-    atomic_write_text(out / "run_config.json", json.dumps(recorded, indent=2, sort_keys=True) + "\n")
+    write_run_config(out, config.to_dict())
 
     for seed, cases in cases_per_seed.items():
         for method in config.methods:
-            target = out / method / f"seed{seed}"
-            if (target / "metrics.json").is_file():
+            target = seed_dir(out, method, seed)
+            if is_finished(target):
                 log(f"{method} seed {seed}: already done, skipped ({target})")
                 continue
             log(f"{method} seed {seed}: {len(cases)} edits")
@@ -155,11 +165,11 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
                 },
                 seed=seed,
             )
-            log(f"{method} seed {seed}: " + _headline(json.loads((target / "metrics.json").read_text())))
+            log(f"{method} seed {seed}: " + _headline(read_metrics(target)))
 
     summary = {}
     for method in config.methods:
-        summary[method] = _aggregate(out / method, config.seeds)
+        summary[method] = aggregate(out / method, config.seeds)
     return summary
 
 
@@ -195,17 +205,18 @@ def _checked(check: Callable[[], T], method: str, source: Any, config_source: st
 
 def _hparams_source(config: RunConfig, method: str, config_source: str) -> Any:
     """What ``hparams.<method>`` gives (a YAML path or a mapping); for a method given none, the shipped
-    ``hparams/<METHOD>/<model>.yaml`` of the model alias, else an error (a class's defaults are one
-    model's settings, e.g. GPT-J's layers, and must not be used silently on another)."""
+    ``hparams/<METHOD>/<model>.yaml`` of the model alias (:func:`hparams_root`: the checkout's or the
+    installed copy), else an error (a class's defaults are one model's settings, e.g. GPT-J's layers, and
+    must not be used silently on another)."""
     value = config.hparams.get(method)
     base = method.partition("@")[0]
     if value is not None or base == "none":
         return value
-    name = f"{config.model.lower()}.yaml"
-    folders = [d for d in HPARAMS_ROOT.iterdir() if d.name.lower() == base] if HPARAMS_ROOT.is_dir() else []
-    for folder in folders:
-        if "/" not in config.model and (folder / name).is_file():
-            return str(folder / name)
+    if "/" not in config.model:  # an alias (a path or hub id has a slash)
+        name = f"{config.model.lower()}.yaml"
+        for folder in (d for d in hparams_root().iterdir() if d.name.lower() == base):
+            if (folder / name).is_file():
+                return str(folder / name)
     why = "ship only for model aliases" if "/" in config.model else f"ship none for {config.model!r}"
     raise HarnessError(
         f"no hparams for {method}: give a YAML path or a mapping (the default hparams files {why})",
@@ -217,7 +228,7 @@ def _hparams_source(config: RunConfig, method: str, config_source: str) -> Any:
 def run_cases(run_dir: Path, seed: int) -> list[EditCase]:
     """The cases a finished run evaluated for ``seed``, selected again from its ``run_config.json`` (for
     benchmarks that re-score a run's artifact). Runs with ``filter_known`` need the model: not supported."""
-    config = RunConfig(**json.loads((Path(run_dir) / "run_config.json").read_text(encoding="utf-8")))
+    config = RunConfig(**json.loads((Path(run_dir) / RUN_CONFIG).read_text(encoding="utf-8")))
     if config.filter_known:
         raise HarnessError("runs with filter_known: re-select their cases with the model", file=run_dir)
     cases = load_cases(
@@ -229,9 +240,9 @@ def run_cases(run_dir: Path, seed: int) -> list[EditCase]:
 def load_run_edit(run_dir: Path, method: str, seed: int) -> Edited:
     """The edit a finished run saved for ``method`` (a label, e.g. ``meg@18k``) and ``seed``, loaded back on
     the run's base model (for benchmarks that re-score or probe a run's artifact)."""
-    config = json.loads((Path(run_dir) / "run_config.json").read_text(encoding="utf-8"))
+    config = json.loads((Path(run_dir) / RUN_CONFIG).read_text(encoding="utf-8"))
     model, tokenizer = load_model(config["model"], dtype=config["dtype"], device=config["device"])
-    artifact = Path(run_dir) / method / f"seed{seed}" / "artifact"
+    artifact = seed_dir(Path(run_dir), method, seed) / ARTIFACT
     return get_editor_class(method.partition("@")[0]).load(artifact, model, tokenizer)
 
 
@@ -245,36 +256,23 @@ def _run_one(
     fitted = time.perf_counter()
     try:
         metrics, items = evaluator.evaluate(edited, cases, labels)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-        staging.chmod(0o755)  # mkdtemp makes it private; results are meant to be shared
-        try:
-            editor.save(edited, staging / "artifact")
+        with staged(target) as staging:
+            editor.save(edited, staging / ARTIFACT)
             write_cases_file(  # what the knowledge-editing lm-eval tasks read from the artifact
-                staging / "artifact" / CASES_FILE,
+                staging / ARTIFACT / CASES_FILE,
                 record["config"]["dataset"],
                 cases,
                 template,
                 labels,
                 model_fingerprint=record["model_fingerprint"],
             )
-            with open(staging / "items.jsonl", "w", encoding="utf-8") as handle:
-                for item in items:
-                    handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+            write_items(staging, items)
             metrics["timings"]["fit_s"] = fitted - started
             metrics["resources"] = {"peak_rss_mb": peak_rss_mb()}
             if edited.info:
                 metrics["fit"] = edited.info
             metrics.update(record, versions=versions(), git_sha=git_sha())
-            (staging / "metrics.json").write_text(
-                json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n"
-            )
-            if target.exists():
-                shutil.rmtree(target)  # an unfinished earlier attempt (no metrics.json)
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            write_metrics(staging, metrics)
     finally:
         edited.restore()
 
@@ -294,94 +292,3 @@ def _keep_unknown(
 
 def _headline(metrics: dict) -> str:
     return " ".join(f"{k}={metrics[k]:.2f}" for k in ALL_METRIC_KEYS)
-
-
-def _aggregate(method_dir: Path, seeds: list[int]) -> dict:
-    """Average the per-seed metrics into ``<method>/metrics.json`` (with ``<key>_std`` for several seeds)."""
-    per_seed = [json.loads((method_dir / f"seed{s}" / "metrics.json").read_text()) for s in seeds]
-    first = per_seed[0]
-    averaged: dict[str, Any] = {}
-    for key in ALL_METRIC_KEYS:
-        values = [m[key] for m in per_seed]
-        averaged[key] = math.fsum(values) / len(values)
-        if len(values) > 1:
-            averaged[f"{key}_std"] = statistics.stdev(values)
-    if all("ag_prefix" in m for m in per_seed):  # the starts-with rates (not a protocol metric)
-        rates = [m["ag_prefix"] for m in per_seed]
-        averaged["ag_prefix"] = {k: math.fsum(r[k] for r in rates) / len(rates) for k in rates[0]}
-    averaged.update(
-        method=first["method"],
-        seeds=seeds,
-        counts=first["counts"],
-        config=first["config"],
-        model_family=first["model_family"],
-        template=first["template"],
-    )
-    atomic_write_text(method_dir / "metrics.json", json.dumps(averaged, indent=2, sort_keys=True) + "\n")
-    return averaged
-
-
-def _merged_with_previous(out: Path, new: dict[str, Any]) -> dict[str, Any]:
-    """The run config to record: a run that adds methods or seeds to ``out`` keeps the earlier ones."""
-    previous = out / "run_config.json"
-    if not previous.is_file():
-        return new
-    old = json.loads(previous.read_text())
-    merged = dict(new)
-    for key in ("methods", "seeds"):
-        merged[key] = old.get(key, []) + [v for v in new[key] if v not in old.get(key, [])]
-    merged["hparams"] = {**old.get("hparams", {}), **new.get("hparams", {})}
-    return merged
-
-
-def _check_finished_hparams(
-    out: Path, config: RunConfig, hparams: dict[str, dict[str, Any]], editor_classes: dict[str, type]
-) -> None:
-    """Refuse to skip a finished method whose hparams are not the ones it would run with now: the config
-    names a YAML file whose contents changed since (the run config itself only holds its path). A key
-    written out since with its default value is no change."""
-    for seed in config.seeds:
-        for method in config.methods:
-            finished = out / method / f"seed{seed}" / "metrics.json"
-            if not finished.is_file():
-                continue
-            recorded = json.loads(finished.read_text()).get("hparams")
-            if recorded is None:
-                continue
-            if BASE_KEY in recorded:  # results written before variants were recorded resolved
-                recorded = with_base(recorded)
-            was, now = flatten(recorded), flatten(json.loads(json.dumps(hparams[method])))
-            with contextlib.suppress(HarnessError):  # recorded hparams no longer valid: compare as written
-                editor_class = editor_classes[method]
-                was = flatten(editor_class(recorded).resolved_hparams())
-                now = flatten(editor_class(hparams[method]).resolved_hparams())
-            changed = sorted(k for k in set(was) | set(now) if was.get(k, "absent") != now.get(k, "absent"))
-            if changed:
-                raise HarnessError(
-                    f"{method} seed {seed} was run with other hparams (changed: {', '.join(changed)}); "
-                    "use another --out, or delete that result to recompute it",
-                    file=finished,
-                    field=f"hparams.{method}",
-                )
-
-
-def _check_previous_run(out: Path, config: RunConfig) -> None:
-    """Refuse to mix results of a different config into ``out`` (never overwrite silently)."""
-    previous = out / "run_config.json"
-    if not previous.is_file():
-        return
-    old = json.loads(previous.read_text())
-    new = config.to_dict()
-    # adding methods (with their hparams) or seeds to a finished run is allowed; nothing else may change
-    new["hparams"] = {m: h for m, h in new.get("hparams", {}).items() if m in old.get("methods", [])}
-    old["hparams"] = {m: h for m, h in old.get("hparams", {}).items() if m in new.get("methods", [])}
-    ignore = {"methods", "seeds"}
-    if content_hash({k: v for k, v in old.items() if k not in ignore}) != content_hash(
-        {k: v for k, v in new.items() if k not in ignore}
-    ):
-        changed = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
-        raise HarnessError(
-            f"holds results of a different run config (changed: {', '.join(changed)}); use another --out",
-            file=out,
-            field=changed[0] if changed else None,
-        )

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from safetensors.torch import save
+
+from meg_harness.cache import atomic_write_bytes
 
 _ALIGN = 8  # safetensors pads its JSON header with spaces to a multiple of 8 bytes
 
@@ -39,15 +39,4 @@ def save_tensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write ``tensors`` (+ ``metadata``) to ``path`` atomically, with deterministic bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = canonical_bytes(tensors, metadata)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, canonical_bytes(tensors, metadata), mode=0o644)

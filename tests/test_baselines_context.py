@@ -12,8 +12,8 @@ from meg_harness.baselines.ft import FT, _examples
 from meg_harness.baselines.keys import edit_keys
 from meg_harness.baselines.plan import build_plans
 from meg_harness.baselines.prefixes import cached_prefixes
-from meg_harness.evaluate.evaluator import encode_target
 from meg_harness.models.adapters import get_adapter
+from meg_harness.prompts import encode_target
 
 PREFIXES = ["Because the river was cold. ", "I went home. ", "You know it. "]
 

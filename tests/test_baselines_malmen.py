@@ -22,7 +22,7 @@ from meg_harness.budget import TrainingStopped
 from meg_harness.data.edit_case import EditCase, LocalityProbe
 from meg_harness.editing.registry import get_editor_class
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.evaluator import encode_query, encode_target
+from meg_harness.prompts import encode_query, encode_target
 
 HPARAMS_DIR = Path(__file__).resolve().parents[1] / "hparams" / "MALMEN"
 SUBJECTS = [
@@ -257,7 +257,7 @@ def test_decoupled_meta_gradient_equals_end_to_end_backpropagation():
     """Steps 1-4 (cached keys/gradients, chunked hypernetwork backward) give the gradient of one graph
     through hypernetwork, solve and LM."""
     from meg_harness.baselines.malmen_net import ridge_update
-    from meg_harness.baselines.nethook import frozen
+    from meg_harness.models.nethook import frozen
 
     model, tok = deep_model("gpt2")
     hp = MalmenHParams(**{**HP, "batch_size": 3, "editor_batch_size": 7, "solve_dtype": "float64"})

@@ -338,8 +338,8 @@ def test_pmet_observed_ffn_output_is_the_ffn_output_under_both_optimised_deltas(
     """``observed`` = the FFN output at the subject with both final deltas added (an independent forward). In
     a sequential block (llama) the attention delta shifts the FFN input, so it differs from init + delta; in
     GPT-J's parallel block it does not."""
-    from meg_harness.baselines.nethook import Trace
     from meg_harness.baselines.values import optimise_values
+    from meg_harness.models.nethook import TraceDict
 
     model, tok = deep_model(arch)
     ed = editor("pmet", ffn_target="observed")
@@ -352,14 +352,15 @@ def test_pmet_observed_ffn_output_is_the_ffn_output_under_both_optimised_deltas(
     for e, plan in enumerate(plans):
         row = plan.contexts[0]
 
-        def add_delta(name, out, e=e, row=row):
+        def add_delta(name, out, _input, e=e, row=row):
             out = out.clone()
             out[0, row.index] += (values.targets[name][e] - values.init[name][e]).to(out.dtype)
             return out
 
-        with torch.no_grad(), Trace(model, [ffn, attn], retain_output=True, edit_output=add_delta) as trace:
+        trace = TraceDict(model, [ffn, attn], retain_output=True, edit_output=add_delta)
+        with torch.no_grad(), trace:
             model(input_ids=torch.tensor([row.ids]))
-        expected = trace.outputs[ffn][0, row.index].float()
+        expected = trace[ffn].output[0, row.index].float()
         torch.testing.assert_close(values.observed[ffn][e], expected, rtol=1e-4, atol=1e-4)
     shift = (values.observed[ffn] - values.targets[ffn]).norm(dim=1)
     moved = (values.targets[ffn] - values.init[ffn]).norm(dim=1)

@@ -1,4 +1,4 @@
-"""Helpers of the baseline tests (no tests here): deeper tiny models, edit cases, target NLL.
+"""Helpers of the baseline tests (deeper tiny models, edit cases, target NLL) and the tests of these helpers.
 
 Locate-then-edit needs layers above the last edited one, and a random model with the default init
 (std 0.02) has nearly flat logits; these models have 4 layers and init std 0.2.
@@ -13,7 +13,7 @@ import torch
 
 from meg_harness.baselines.ft import _examples, target_nll
 from meg_harness.data.edit_case import EditCase
-from meg_harness.evaluate.templates import get_template
+from meg_harness.prompts import get_template
 
 TEMPLATE = get_template("gptj")
 CASES = [
@@ -84,3 +84,59 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 def identical(model, before: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# -- tests of these helpers -------------------------------------------------------------------------------
+
+
+def test_deep_models_are_fresh_copies_with_spread_logits():
+    model, tok = deep_model("gpt2", layers=4)
+    assert model.config.n_layer == 4 and not model.training
+    before = snapshot(model)
+    assert identical(model, before)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert not identical(model, before)
+    again, _ = deep_model("gpt2", layers=4)  # the cached original is untouched by the change above
+    assert identical(again, before)
+    ids = tok([c.prompt for c in CASES[:2]], return_tensors="pt", padding=True)["input_ids"]
+    with torch.no_grad():
+        spread = again(ids).logits.std().item()
+        flat = _deep.__wrapped__("gpt2", 4, 0)[0]  # the same model with init std 0.2 ...
+        for module in flat.modules():  # ... scaled back to the default init's 0.02
+            for parameter in module.parameters(recurse=False):
+                if parameter.dim() > 1:
+                    parameter.mul_(0.1)
+        flat_spread = flat(ids).logits.std().item()
+    assert spread > 10 * flat_spread, (spread, flat_spread)
+
+
+def test_nll_per_case_and_counterfact_records_load_back(tmp_path):
+    import json
+
+    from meg_harness.data import load_cases
+    from meg_harness.data.edit_case import LocalityProbe
+
+    model, tok = deep_model("gpt2")
+    losses = nll(model, tok)
+    assert losses.shape == (len(CASES),) and torch.isfinite(losses).all() and (losses > 0).all()
+    assert torch.allclose(nll(model, tok, CASES[:1]), losses[:1])  # per case: a batch changes nothing
+    cases = [
+        EditCase(
+            str(i),
+            c.prompt,
+            c.subject,
+            c.target_new,
+            rephrases=(f"{c.prompt} indeed",),
+            locality=(LocalityProbe("The capital of Chile is"),),
+        )
+        for i, c in enumerate(CASES)
+    ]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(counterfact_records(cases)))
+    loaded = load_cases("counterfact", str(path))
+    assert [(c.prompt, c.subject, c.target_new, c.target_true) for c in loaded] == [
+        (c.prompt, c.subject, c.target_new, "Paris") for c in cases
+    ]
+    assert [c.rephrases for c in loaded] == [c.rephrases for c in cases]
+    assert [[p.prompt for p in c.locality] for c in loaded] == [["The capital of Chile is"]] * len(cases)

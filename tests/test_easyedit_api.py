@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
+from meg_harness import easyedit
 from meg_harness.data import load_cases
-from meg_harness.editing import easyedit
-from meg_harness.editing.easyedit import (
+from meg_harness.easyedit import (
     BaseEditor,
     HyperParams,
     RowRouting,
@@ -25,10 +25,11 @@ from meg_harness.editing.easyedit import (
     request_to_case,
     summary_metrics,
 )
+from meg_harness.editing.base import Edited
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.templates import get_template
 from meg_harness.meg.hparams import MEGHyperParams
 from meg_harness.meg.model import MegEdited
+from meg_harness.prompts import get_template
 
 TEMPLATE = get_template("gptj")
 FT = {"alg_name": "FT", "layers": [1], "epochs": 30, "batch_size": 4, "lr": 0.3}
@@ -168,7 +169,7 @@ def test_question_recovery_rule():
 
 def test_rows_are_recovered_from_left_and_right_padding(tiny_models):
     model, tok = tiny_models("llama")
-    routing = RowRouting(easyedit.Edited(model, tok), TEMPLATE)
+    routing = RowRouting(Edited(model, tok), TEMPLATE)
     questions = ["Who wrote Hamlet?", "What is the capital of the country of France?"]
     sequences = [tok(TEMPLATE.format(q) + " Paris")["input_ids"] for q in questions]
     width = max(map(len, sequences))

@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from meg_harness.data.edit_case import EditCase, LocalityProbe
 from meg_harness.editing.base import Edited
-from meg_harness.evaluate.evaluator import Evaluator, encode_query, encode_target
+from meg_harness.evaluate.evaluator import Evaluator
 from meg_harness.evaluate.protocol import ag_match
 from meg_harness.evaluate.scoring import Probe, greedy_answers, teacher_forced_accuracy
-from meg_harness.evaluate.templates import get_template
+from meg_harness.prompts import encode_query, encode_target, get_template
 from tests.reference_eval import reference_generate, reference_greedy_tokens, reference_tf
 
 SHORT = "Who?"

@@ -14,11 +14,11 @@ from meg_harness.editing.base import Edited  # noqa: E402
 from meg_harness.errors import HarnessError  # noqa: E402
 from meg_harness.evaluate.evaluator import Evaluator  # noqa: E402
 from meg_harness.evaluate.protocol import ALL_METRIC_KEYS  # noqa: E402
-from meg_harness.evaluate.templates import get_template  # noqa: E402
-from meg_harness.lm_eval_plugin.export import read_cases_file, write_cases_file  # noqa: E402
 from meg_harness.lm_eval_plugin.ke import ke_score, load_ke_docs  # noqa: E402
 from meg_harness.lm_eval_plugin.mquake import all_per_case, any_per_case, mquake_docs  # noqa: E402
 from meg_harness.lm_eval_plugin.probes import tf_value  # noqa: E402
+from meg_harness.prompts import get_template  # noqa: E402
+from meg_harness.store import read_cases_file, write_cases_file  # noqa: E402
 from tests.test_lm_eval_support import TASKS_PATH, RowShift, evaluate_tasks, tiny_lm  # noqa: E402
 
 TEMPLATE = get_template("gptj")
@@ -104,7 +104,7 @@ def test_score_is_the_native_harmonic_mean():
 
 def test_mquake_documents_and_aggregates():
     from meg_harness.data.edit_case import EditCase, MultiHop
-    from meg_harness.lm_eval_plugin.export import CasesFile
+    from meg_harness.store import CasesFile
 
     case = EditCase(
         "7",

@@ -11,8 +11,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from meg_harness.data import load_cases  # noqa: E402
 from meg_harness.editing.registry import get_editor_class  # noqa: E402
 from meg_harness.errors import HarnessError  # noqa: E402
-from meg_harness.evaluate.templates import get_template  # noqa: E402
 from meg_harness.meg.encoder import make_tiny_text_encoder  # noqa: E402
+from meg_harness.prompts import get_template  # noqa: E402
 from tests.test_meg_editor import tiny_hparams  # noqa: E402
 
 TEMPLATE = get_template("gptj")

@@ -14,7 +14,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from meg_harness.editing.base import Edited  # noqa: E402
 from meg_harness.errors import HarnessError  # noqa: E402
-from meg_harness.evaluate.templates import get_template  # noqa: E402
+from meg_harness.prompts import get_template  # noqa: E402
 from tests.test_lm_eval_support import RowShift, tiny_lm  # noqa: E402
 
 QUESTIONS = [

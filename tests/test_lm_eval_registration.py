@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from meg_harness.lm_eval_plugin._build import PTH_LINE, PTH_NAME  # noqa: E402
+from meg_harness._build import PTH_LINE, PTH_NAME  # noqa: E402
 from tests.conftest import SHARED_DATA  # noqa: E402
 from tests.test_lm_eval_support import TASKS_PATH  # noqa: E402
 
@@ -62,8 +62,8 @@ def test_lm_eval_cli(tiny_model_dir, tmp_path):
     if lm_eval is None or not PTH.is_file():
         pytest.skip("the lm_eval command or the installed .pth hook is missing (pip install -e '.[lm-eval]')")
     from meg_harness.data import load_cases
-    from meg_harness.evaluate.templates import get_template
-    from meg_harness.lm_eval_plugin.export import write_cases_file
+    from meg_harness.prompts import get_template
+    from meg_harness.store import write_cases_file
 
     cases = load_cases("counterfact")[:1]
     labels = {p.prompt: ("x", (5,)) for p in cases[0].locality}
@@ -106,9 +106,9 @@ def test_data_parallel_on_cpu(launcher, tiny_model_dir, tmp_path):
     from meg_harness.editing.base import Edited
     from meg_harness.evaluate.evaluator import Evaluator
     from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
-    from meg_harness.evaluate.templates import get_template
-    from meg_harness.lm_eval_plugin.export import write_cases_file
     from meg_harness.models import load_model
+    from meg_harness.prompts import get_template
+    from meg_harness.store import write_cases_file
 
     model, tokenizer = load_model(str(tiny_model_dir("llama")))
     template = get_template("gptj")

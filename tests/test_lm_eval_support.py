@@ -1,17 +1,18 @@
-"""Helpers of the lm-eval plugin tests (no tests here): a tiny lm-eval model, a toy per-row edit."""
+"""Helpers of the lm-eval plugin tests (a tiny lm-eval model, a toy per-row edit, our tasks), tested."""
 
 from __future__ import annotations
 
 import contextlib
 import zlib
-from importlib import resources
 from pathlib import Path
 
+import pytest
 import torch
 
 from meg_harness.editing.base import Edited
+from meg_harness.shipped import tasks_root
 
-TASKS_PATH = Path(str(resources.files("meg_harness") / "tasks"))
+TASKS_PATH = tasks_root()  # what `meg-harness tasks-path` prints
 
 
 class RowShift(Edited):
@@ -60,3 +61,36 @@ def evaluate_tasks(lm, tasks: list[str], limit: int | None = None, **metadata) -
         model=lm, tasks=tasks, task_manager=manager, metadata=metadata, limit=limit, bootstrap_iters=0
     )
     return output["results"]
+
+
+# -- tests of these helpers -------------------------------------------------------------------------------
+
+
+def test_row_shift_moves_each_row_by_its_own_vector_and_unhooks(tiny_models):
+    model, tokenizer = tiny_models("llama")
+    edited = RowShift(model, tokenizer)
+    questions = ["Where is Paris?", "Who wrote Hamlet?"]
+    assert torch.equal(edited.vector(questions[0]), RowShift(model, tokenizer).vector(questions[0]))
+    assert not torch.allclose(edited.vector(questions[0]), edited.vector(questions[1]))
+    ids = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        plain = embed(ids)
+        with edited.rows(questions):
+            shifted = embed(ids)
+        after = embed(ids)
+    for row, question in enumerate(questions):
+        assert torch.allclose(shifted[row] - plain[row], edited.vector(question).expand(3, -1), atol=1e-6)
+    assert torch.equal(after, plain)  # the hook is gone after the block
+    assert edited.calls == [questions]
+    with pytest.raises(AssertionError, match="batch rows must match"), edited.rows(questions[:1]):
+        embed(ids)
+    assert torch.equal(embed(ids), plain)  # removed after an error too
+
+
+def test_tasks_path_holds_our_tasks_and_tiny_lm_builds(tiny_model_dir):
+    pytest.importorskip("lm_eval")
+    names = {p.stem for p in TASKS_PATH.rglob("*.yaml")}
+    assert {"counterfact_ke", "zsre_ke", "mquake_ke", "unke_ke", "sst2_meg_local"} <= names
+    lm = tiny_lm(tiny_model_dir("llama"), batch_size=3)
+    assert lm.batch_size == 3 and lm.edited.model is lm.model

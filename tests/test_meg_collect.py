@@ -16,12 +16,11 @@ import torch
 
 from meg_harness.data import load_cases
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.evaluator import encode_query, encode_target
-from meg_harness.evaluate.templates import get_template
 from meg_harness.meg.collect import CollectHParams, collect_neurons, init_neuron
 from meg_harness.meg.neuron import DynamicNeuron, NeuronBatch
 from meg_harness.models import TINY_ARCHS, load_model
 from meg_harness.models.layer_cache import LayerCachedLM
+from meg_harness.prompts import encode_query, encode_target, get_template
 
 TEMPLATE = get_template("gptj")
 FAST = {"layer": 1, "lr": 0.05, "max_steps": 12, "check_every": 4, "batch_size": 3, "shard_size": 3}
@@ -136,7 +135,7 @@ RUNNER = textwrap.dedent(
     torch.set_num_threads(1)
     import meg_harness.meg.collect as collect
     from meg_harness.data import load_cases
-    from meg_harness.evaluate.templates import get_template
+    from meg_harness.prompts import get_template
     from meg_harness.models import load_model
     write = collect._write_shard
     def slow_write(*args):

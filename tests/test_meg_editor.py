@@ -16,11 +16,11 @@ from meg_harness.editing.base import Edited
 from meg_harness.editing.registry import get_editor_class
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.evaluator import Evaluator
-from meg_harness.evaluate.templates import get_template
 from meg_harness.meg.encoder import make_tiny_text_encoder
 from meg_harness.meg.hparams import MEGHyperParams
 from meg_harness.meg.model import MegEdited
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.prompts import get_template
 
 TEMPLATE = get_template("gptj")
 
@@ -95,7 +95,16 @@ def test_fit_edits_and_reports(fitted, cases, tiny_models):
     editor, edited = fitted
     model, tokenizer = tiny_models("llama")
     assert isinstance(edited, MegEdited)
-    assert 0.0 <= edited.info["collection"]["success_rate"] <= 100.0
+    # measured on this fixture: a random 2-layer model's logits are nearly flat, and no edit's neuron at
+    # layer 1 makes the greedy answer exact within the 100-step budget (each runs all 100 steps); the
+    # generator still learns the collected neurons, which lifts TF (below). A collection that succeeds
+    # changes these numbers.
+    assert edited.info["collection"] == {
+        "success_rate": 0.0,
+        "mean_steps": 100.0,
+        "mode": "layer-cached",
+        "reused": 0,
+    }
     assert edited.info["generator"]["steps"] == 1500
     assert edited.info["generator"]["evaluations"][-1]["l2_mean"] < 2.0  # normalised; a row's norm is ~11
     evaluator = Evaluator(tokenizer, TEMPLATE, batch_size=4)

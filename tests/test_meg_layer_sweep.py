@@ -11,9 +11,9 @@ import yaml
 from meg_harness.cli import main
 from meg_harness.data import load_cases
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.templates import get_template
 from meg_harness.meg.collect import CollectHParams, collect_neurons
 from meg_harness.meg.layer_sweep import best_layer, parse_layers, sweep_layers, sweep_markdown
+from meg_harness.prompts import get_template
 
 TEMPLATE = get_template("gptj")
 FAST = {"lr": 0.05, "max_steps": 8, "check_every": 4, "batch_size": 4, "shard_size": 4}

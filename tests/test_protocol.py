@@ -4,14 +4,8 @@ import math
 
 import pytest
 
-from meg_harness.evaluate.protocol import (
-    ag_match,
-    ag_prefix_match,
-    cut_answer,
-    harmonic_mean,
-    normalize_answer,
-    summarize,
-)
+from meg_harness.evaluate.protocol import ag_match, ag_prefix_match, harmonic_mean, summarize
+from meg_harness.prompts import cut_answer, normalize_answer
 
 
 @pytest.mark.parametrize(

@@ -277,14 +277,14 @@ def test_a_key_written_out_with_its_default_is_no_hparams_change(tmp_path):
     is skipped when the file now says ``terminator: false`` (the default), recomputed when it says true."""
     from meg_harness.baselines.ft import FT
     from meg_harness.config import parse_config
-    from meg_harness.runner import _check_finished_hparams
+    from meg_harness.store import check_finished_hparams
 
     finished = tmp_path / "ft" / "seed0" / "metrics.json"
     finished.parent.mkdir(parents=True)
     finished.write_text(json.dumps({"hparams": {"layers": [0], "lr": 0.5}}))
     config = parse_config({"model": "m", "data_path": "d.json", "n_edits": 1, "methods": ["ft"]})
     same = {"ft": {"layers": [0], "lr": 0.5, "terminator": False}}
-    _check_finished_hparams(tmp_path, config, same, {"ft": FT})  # no error
+    check_finished_hparams(tmp_path, config, same, {"ft": FT})  # no error
     other = {"ft": {"layers": [0], "lr": 0.5, "terminator": True}}
     with pytest.raises(HarnessError, match=r"other hparams \(changed: terminator\)"):
-        _check_finished_hparams(tmp_path, config, other, {"ft": FT})
+        check_finished_hparams(tmp_path, config, other, {"ft": FT})

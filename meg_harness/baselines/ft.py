@@ -11,7 +11,6 @@ clamps every weight to within that distance of its original value after each ste
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +22,17 @@ from tqdm.auto import tqdm
 
 from meg_harness.baselines.delta import DeltaEdited, WeightDelta, load_delta_artifact, save_delta_artifact
 from meg_harness.baselines.locate import resolve_layers
-from meg_harness.baselines.nethook import frozen, model_device
 from meg_harness.baselines.params import LAYERS, from_mapping
 from meg_harness.baselines.plan import pad_id
 from meg_harness.data.edit_case import EditCase
 from meg_harness.editing.base import Edited, Editor
 from meg_harness.editing.registry import register_method
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.evaluator import encode_answer, encode_query
-from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.models.adapters import get_adapter
-from meg_harness.models.layer_cache import LayerCachedLM, right_pad, right_pad_ids
+from meg_harness.models.layer_cache import LayerCachedLM, right_pad, right_pad_ids, target_index
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.models.nethook import frozen, model_device
+from meg_harness.prompts import QueryTemplate, encode_answer, encode_query
 from meg_harness.settings import NON_NEGATIVE, POSITIVE, Rule, Settings, one_of
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -98,12 +96,7 @@ def target_nll(model: nn.Module, tokenizer, examples: Sequence[tuple[tuple, int]
 
 def _target_index(examples: Sequence[tuple[tuple, int]], device) -> tuple[torch.Tensor, ...]:
     """(row, position, token id) of every target token of the examples (the row is the example)."""
-    rows, positions, targets = [], [], []
-    for row, (seq, q) in enumerate(examples):
-        for position in range(q - 1, len(seq) - 1):
-            rows.append(row), positions.append(position), targets.append(seq[position + 1])
-    index = functools.partial(torch.tensor, device=device)
-    return index(rows), index(positions), index(targets)
+    return target_index([q - 1 for _, q in examples], [seq[q:] for seq, q in examples], device)
 
 
 def _layer_cache_agrees(lm: LayerCachedLM, tokenizer, examples: Sequence[tuple[tuple, int]]) -> bool:

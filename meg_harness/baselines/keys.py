@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from meg_harness.baselines.nethook import Trace, model_device
 from meg_harness.baselines.plan import EditPlan, Row, pad_id
 from meg_harness.models.layer_cache import right_pad_ids
+from meg_harness.models.nethook import Trace, model_device
 
 
 @torch.no_grad()
@@ -29,10 +29,10 @@ def gather(
         chunk = rows[start : start + batch_size]
         ids, mask = right_pad_ids([r.ids for r in chunk], pad_id(tokenizer), device)
         with Trace(
-            model, [module], retain_input=side == "input", retain_output=side == "output", stop_after=module
+            model, module, retain_input=side == "input", retain_output=side == "output", stop=True
         ) as trace:
             model(input_ids=ids, attention_mask=mask)
-        states = (trace.inputs if side == "input" else trace.outputs)[module]
+        states = trace.input if side == "input" else trace.output
         where = torch.tensor([r.index for r in chunk], device=states.device)
         out.append(states[torch.arange(len(chunk), device=states.device), where].float())
     return torch.cat(out)

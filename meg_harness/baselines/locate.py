@@ -22,7 +22,6 @@ from torch import nn
 
 from meg_harness.baselines.delta import DeltaEdited, WeightDelta, load_delta_artifact, save_delta_artifact
 from meg_harness.baselines.keys import edit_keys, edit_outputs
-from meg_harness.baselines.nethook import frozen
 from meg_harness.baselines.params import LocateHParams, from_mapping
 from meg_harness.baselines.plan import EditPlan, build_plans
 from meg_harness.baselines.prefixes import cached_prefixes
@@ -32,9 +31,10 @@ from meg_harness.cache import content_hash, default_cache_dir
 from meg_harness.data.edit_case import EditCase
 from meg_harness.editing.base import Edited, Editor
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.models.adapters import ArchitectureAdapter, get_adapter
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.models.nethook import frozen
+from meg_harness.prompts import QueryTemplate
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from meg_harness.data.edit_case import EditCase
 from meg_harness.editing.base import Edited, Editor
 from meg_harness.editing.registry import register_method
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.models.adapters import get_adapter
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.prompts import QueryTemplate
 from meg_harness.provenance import peak_rss_mb
 
 log = logging.getLogger(__name__)

@@ -35,17 +35,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from meg_harness.baselines.malmen_net import MalmenHypernet, ridge_update
-from meg_harness.baselines.nethook import frozen, model_device
 from meg_harness.baselines.params import LAYERS
 from meg_harness.baselines.plan import pad_id
 from meg_harness.budget import WallClock, stopped
 from meg_harness.cache import atomic_write_text, content_hash
 from meg_harness.data.edit_case import EditCase
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.evaluator import encode_answer, encode_query, encode_target
-from meg_harness.evaluate.templates import QueryTemplate
-from meg_harness.models.layer_cache import right_pad_ids
+from meg_harness.models.layer_cache import right_pad_ids, target_index
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.models.nethook import TraceDict, frozen, model_device
+from meg_harness.prompts import QueryTemplate, encode_answer, encode_query, encode_target
 from meg_harness.settings import NON_NEGATIVE, POSITIVE, Rule, Settings, one_of
 from meg_harness.tensorfile import save_tensors
 
@@ -170,20 +169,15 @@ class _Rows:
 
 def _rows(examples: Sequence[Example], pad: int, device: torch.device, token: str = "ans") -> _Rows:
     ids, mask = right_pad_ids([e.ids for e in examples], pad, device)
-    lr, lp, li, le = [], [], [], []
-    for i, e in enumerate(examples):
-        for j in range(e.n_pred):
-            lr.append(i), lp.append(e.start + j), le.append(i)
-            li.append(e.labels[j] if e.labels else -1)
-
-    def t(values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
-
+    # one prediction position per label; an example without labels predicts one unknown token (-1)
+    rows, positions, labels = target_index(
+        [e.start for e in examples], [e.labels or (-1,) for e in examples], device
+    )
     if token == "all":
         cap_rows, cap_pos = mask.nonzero(as_tuple=True)
     else:
-        cap_rows, cap_pos = t(lr), t(lp)
-    return _Rows(ids, mask, cap_rows, cap_pos, t(lr), t(lp), t(li), t(le))
+        cap_rows, cap_pos = rows, positions
+    return _Rows(ids, mask, cap_rows, cap_pos, rows, positions, labels, rows)
 
 
 def _logits(model: nn.Module, r: _Rows) -> torch.Tensor:
@@ -203,39 +197,30 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 # -- step 1: keys and value gradients ----------------------------------------------------------------
 
 
-class _Capture:
-    """Hooks that keep each module's input (keys) and the gradient of its output (value gradients) at the
-    cached positions. A zero scalar that requires grad is added to every hooked output, so a backward on a
-    frozen model reaches the hooked modules and stops below the lowest one."""
+class _Capture(TraceDict):
+    """Keeps each module's input (keys) and the gradient of its output (value gradients) at the cached
+    positions ``(rows, pos)``. A zero scalar that requires grad is added to every hooked output, so a backward
+    on a frozen model reaches the hooked modules and stops below the lowest one."""
 
     def __init__(self, model: nn.Module, modules: Sequence[str], rows: torch.Tensor, pos: torch.Tensor):
-        self.keys: dict[str, torch.Tensor] = {}
+        self.rows, self.pos = rows, pos
         self.grads: dict[str, torch.Tensor] = {}
         self.zero = torch.zeros((), device=rows.device, requires_grad=True)
-        self.handles = [
-            model.get_submodule(name).register_forward_hook(self._hook(name, rows, pos)) for name in modules
-        ]
+        super().__init__(model, modules, retain_input=True, edit_output=self._watch_grad)
 
-    def _hook(self, name: str, rows: torch.Tensor, pos: torch.Tensor):
+    def _watch_grad(self, name: str, output: torch.Tensor, _input: torch.Tensor) -> torch.Tensor:
         def keep_grad(grad: torch.Tensor) -> None:
-            at = rows.to(grad.device), pos.to(grad.device)
-            self.grads[name] = grad[at].detach().float().to(rows.device)
+            at = self.rows.to(grad.device), self.pos.to(grad.device)
+            self.grads[name] = grad[at].detach().float().to(self.rows.device)
 
-        def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = args[0]
-            self.keys[name] = x[rows.to(x.device), pos.to(x.device)].detach().float().to(rows.device)
-            output = output + self.zero.to(output.device, output.dtype)
-            output.register_hook(keep_grad)
-            return output
+        output = output + self.zero.to(output.device, output.dtype)
+        output.register_hook(keep_grad)
+        return output
 
-        return hook
-
-    def __enter__(self) -> _Capture:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
+    def keys_of(self, name: str) -> torch.Tensor:
+        """``name``'s input at the cached positions, float32 ``[N, d_in]``."""
+        x = self[name].input
+        return x[self.rows.to(x.device), self.pos.to(x.device)].float().to(self.rows.device)
 
 
 def cache_keys_and_grads(
@@ -258,7 +243,7 @@ def cache_keys_and_grads(
             per_edit.sum().backward()
         nll_sum += float(per_edit.detach().sum())
         for i, name in enumerate(modules):
-            keys[i].append(cap.keys[name])
+            keys[i].append(cap.keys_of(name))
             grads[i].append(cap.grads[name])
     return [torch.cat(k) for k in keys], [torch.cat(g) for g in grads], nll_sum / max(1, len(examples))
 
@@ -266,29 +251,16 @@ def cache_keys_and_grads(
 # -- step 3: losses on the edited model ----------------------------------------------------------------
 
 
-class DeltaHooks:
+class DeltaHooks(TraceDict):
     """Adds ``x @ delta_W`` (key-major ``[d_in, d_out]``, float32) to each module's output."""
 
     def __init__(self, model: nn.Module, modules: Sequence[str], deltas: Sequence[torch.Tensor]) -> None:
-        self.handles = [
-            model.get_submodule(name).register_forward_hook(self._hook(dw))
-            for name, dw in zip(modules, deltas)
-        ]
+        self.deltas = dict(zip(modules, deltas, strict=True))
+        super().__init__(model, modules, edit_output=self._add)
 
-    @staticmethod
-    def _hook(dw: torch.Tensor):
-        def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = args[0]
-            return output + (x.to(dw.dtype) @ dw.to(x.device)).to(output.dtype)
-
-        return hook
-
-    def __enter__(self) -> DeltaHooks:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
+    def _add(self, name: str, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        dw = self.deltas[name]
+        return output + (x.to(dw.dtype) @ dw.to(x.device)).to(output.dtype)
 
 
 def generalisation_loss(

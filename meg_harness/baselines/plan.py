@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from meg_harness.data.edit_case import EditCase
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.evaluator import encode_answer
-from meg_harness.evaluate.templates import QueryTemplate
+from meg_harness.prompts import QueryTemplate, encode_answer
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from meg_harness.baselines.nethook import model_device
 from meg_harness.cache import atomic_write_text, content_hash, default_cache_dir
+from meg_harness.models.nethook import model_device
 
 STARTS = ("The", "Therefore", "Because", "I", "You")
 CACHE_VERSION = "context-prefixes/v2"

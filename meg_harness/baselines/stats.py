@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +23,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from meg_harness.baselines.corpus import corpus_id, iter_corpus
-from meg_harness.baselines.nethook import Trace, model_device
 from meg_harness.baselines.params import StatsHParams
 from meg_harness.baselines.plan import pad_id
-from meg_harness.cache import content_hash, default_cache_dir
+from meg_harness.cache import atomic_path, content_hash, default_cache_dir
 from meg_harness.errors import HarnessError
 from meg_harness.models.adapters import get_adapter
 from meg_harness.models.layer_cache import right_pad_ids
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.models.nethook import TraceDict, model_device
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +68,9 @@ class SecondMoment:
         return self.total / self.count
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             meta = {"count": str(self.count), "samples": str(self.samples)}
             save_file({"total": self.total.detach().cpu().contiguous()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     @classmethod
     def load(cls, path: Path) -> SecondMoment:
@@ -152,7 +144,7 @@ def _accumulate(model, tokenizer, modules: dict[int, str], hp: StatsHParams, sta
     device = model_device(model)
     dtype = STAT_DTYPES[hp.mom2_dtype]
     stats: dict[int, SecondMoment] = {}
-    deepest = modules[max(modules)]
+    names = [modules[layer] for layer in sorted(modules)]  # the deepest last: the forward stops after it
     samples = iter_corpus(hp.mom2_dataset, start)
     bar = tqdm(total=hp.mom2_n_samples, desc=f"layer stats {sorted(modules)}", disable=not progress)
     seen = 0
@@ -163,11 +155,11 @@ def _accumulate(model, tokenizer, modules: dict[int, str], hp: StatsHParams, sta
             break
         encoded = [tokenizer(t, truncation=True, max_length=hp.mom2_max_length)["input_ids"] for t in texts]
         ids, mask = right_pad_ids(encoded, pad_id(tokenizer), device)
-        with Trace(model, list(modules.values()), retain_input=True, stop_after=deepest) as trace:
+        with TraceDict(model, names, retain_input=True, stop=True) as trace:
             model(input_ids=ids, attention_mask=mask)
         keep = mask.bool()
         for layer, module in modules.items():
-            keys = trace.inputs[module][keep]
+            keys = trace[module].input[keep]
             if layer not in stats:
                 stats[layer] = SecondMoment.zeros(keys.shape[-1], dtype, device)
             stats[layer].update(keys)

@@ -17,8 +17,6 @@ when optimised alone. Finished edits leave the batch and keep their delta.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +27,11 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from meg_harness.baselines.nethook import Trace, model_device
 from meg_harness.baselines.params import LocateHParams
 from meg_harness.baselines.plan import EditPlan, pad_id
-from meg_harness.models.layer_cache import LayerCachedLM, right_pad_ids
+from meg_harness.cache import atomic_path
+from meg_harness.models.layer_cache import LayerCachedLM, right_pad_ids, target_index
+from meg_harness.models.nethook import TraceDict, model_device
 
 
 @dataclass
@@ -55,15 +54,8 @@ class ValueResult:
         tensors.update({f"target/{k}": v for k, v in self.targets.items()})
         tensors.update({f"observed/{k}": v for k, v in self.observed.items()})
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={"nll": json.dumps(self.nll), "steps": json.dumps(self.steps)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     @classmethod
     def concat(cls, parts: Sequence[ValueResult]) -> ValueResult:
@@ -91,37 +83,40 @@ class ValueResult:
 
 @dataclass
 class _Batch:
-    """The rows of a chunk of edits, padded once; a step selects the rows of the active edits."""
+    """The ``R`` rows of a chunk of ``n`` edits, padded once to width ``W``: per edit its context rows
+    (prompt + target), then its KL row. A step selects the rows of the edits still active."""
 
-    ids: torch.Tensor
-    mask: torch.Tensor
-    lengths: torch.Tensor
-    edit: torch.Tensor  # local edit index of each row
-    look: torch.Tensor  # subject last-token position of each row
-    is_kl: torch.Tensor
-    label_row: torch.Tensor  # one entry per target token: its row,
-    label_pos: torch.Tensor  # the position whose prediction it is,
-    label_id: torch.Tensor  # and the token id
-    n_rows_per_edit: int
-    target_len: torch.Tensor  # per edit
+    ids: torch.Tensor  # (R, W)
+    mask: torch.Tensor  # (R, W)
+    lengths: torch.Tensor  # (R,)
+    edit: torch.Tensor  # (R,) local edit index of each row
+    look: torch.Tensor  # (R,) subject last-token position of each row
+    is_kl: torch.Tensor  # (R,) bool
+    label_row: torch.Tensor  # (L,) one entry per target token of a context row: its row,
+    label_pos: torch.Tensor  # (L,) the position whose prediction it is,
+    label_id: torch.Tensor  # (L,) and the token id
+    n_rows_per_edit: int  # context rows per edit
+    target_len: torch.Tensor  # (n,)
+    bare_row: torch.Tensor  # (n,) each edit's bare-prompt row (its first)
 
 
 def _batch(plans: Sequence[EditPlan], pad: int, device: torch.device) -> _Batch:
-    seqs, edit, look, is_kl, lrow, lpos, lid = [], [], [], [], [], [], []
+    seqs, edit, look, is_kl = [], [], [], []
+    context_rows, starts, labels = [], [], []  # the context rows' target tokens
     for e, plan in enumerate(plans):
         for row in plan.contexts:
-            r = len(seqs)
+            context_rows.append(len(seqs)), starts.append(len(row.ids) - 1), labels.append(plan.target_ids)
             seqs.append(row.ids + plan.target_ids)
             edit.append(e), look.append(row.index), is_kl.append(False)
-            for j, token in enumerate(plan.target_ids):
-                lrow.append(r), lpos.append(len(row.ids) - 1 + j), lid.append(token)
         seqs.append(plan.kl.ids)
         edit.append(e), look.append(plan.kl.index), is_kl.append(True)
     ids, mask = right_pad_ids(seqs, pad, device)
+    label_row, label_pos, label_id = target_index(starts, labels, device, rows=context_rows)
 
     def t(values, dtype=torch.long):
         return torch.tensor(values, dtype=dtype, device=device)
 
+    n_rows_per_edit = len(plans[0].contexts)
     return _Batch(
         ids,
         mask,
@@ -129,11 +124,59 @@ def _batch(plans: Sequence[EditPlan], pad: int, device: torch.device) -> _Batch:
         t(edit),
         t(look),
         t(is_kl, torch.bool),
-        t(lrow),
-        t(lpos),
-        t(lid),
-        len(plans[0].contexts),
+        label_row,
+        label_pos,
+        label_id,
+        n_rows_per_edit,
         t([len(p.target_ids) for p in plans]),
+        torch.arange(len(plans), device=device) * (n_rows_per_edit + 1),
+    )
+
+
+@dataclass
+class _Step:
+    """The ``R'`` rows of the ``A`` edits active at one step (in batch order, cut to their width ``W'``)
+    and where the loss reads the logits: at the ``N`` target tokens of their context rows, then at the
+    subject of each KL row (``N + A`` reads)."""
+
+    rows: torch.Tensor  # (R',) batch rows of the active edits
+    ids: torch.Tensor  # (R', W')
+    mask: torch.Tensor  # (R', W')
+    row_edit: torch.Tensor  # (R',) local edit of each row
+    row_look: torch.Tensor  # (R',) subject position of each row
+    edits: torch.Tensor  # (A,) the active edits
+    bare_rows: torch.Tensor  # (A,) their bare-prompt rows, as indices into ``rows``
+    bare_look: torch.Tensor  # (A,) the subject position in those rows
+    label_edit: torch.Tensor  # (N,) the edit of each target token
+    label_id: torch.Tensor  # (N,) its id
+    kl_edit: torch.Tensor  # (A,) the edit of each KL row
+    at_rows: torch.Tensor  # (N + A,) the reads: indices into ``rows``
+    at_positions: torch.Tensor  # (N + A,) and positions
+
+
+def _step_rows(b: _Batch, active: torch.Tensor) -> _Step:
+    """The rows and read positions of the edits in ``active`` ``(n,)``."""
+    rows = active[b.edit].nonzero().squeeze(1)  # (R',)
+    width = int(b.lengths[rows].max())
+    local = torch.full((len(b.edit),), -1, dtype=torch.long, device=rows.device)  # (R,) batch row -> in rows
+    local[rows] = torch.arange(len(rows), device=rows.device)
+    edits = active.nonzero().squeeze(1)  # (A,)
+    keep = local[b.label_row] >= 0  # (L,) target tokens of active edits
+    kl_rows = rows[b.is_kl[rows]]  # (A,) batch rows
+    return _Step(
+        rows=rows,
+        ids=b.ids[rows, :width],
+        mask=b.mask[rows, :width],
+        row_edit=b.edit[rows],
+        row_look=b.look[rows],
+        edits=edits,
+        bare_rows=local[b.bare_row[edits]],
+        bare_look=b.look[b.bare_row[edits]],
+        label_edit=b.edit[b.label_row[keep]],
+        label_id=b.label_id[keep],
+        kl_edit=b.edit[kl_rows],
+        at_rows=torch.cat([local[b.label_row[keep]], local[kl_rows]]),
+        at_positions=torch.cat([b.label_pos[keep], b.look[kl_rows]]),
     )
 
 
@@ -194,92 +237,135 @@ def optimise_values(
     return ValueResult.concat(parts)
 
 
+class _Deltas:
+    """The optimised deltas, one ``(n, D)`` float32 tensor per site, and the ``edit_output`` of a
+    :class:`TraceDict` over the sites that adds them: an edit's delta goes to the site's output at the subject
+    of each of its rows (of :attr:`step`). The first call per site (step 0: every edit active, every delta
+    zero) records :attr:`init`, the site's output at each bare prompt's subject; each call records
+    :attr:`observed`, that output with the deltas added."""
+
+    def __init__(self, b: _Batch) -> None:
+        self.bare_row, self.bare_look = b.bare_row, b.look[b.bare_row]  # (n,) each
+        self.step: _Step | None = None
+        self.init: dict[str, torch.Tensor] = {}  # (n, D)
+        self.delta: dict[str, torch.Tensor] = {}  # (n, D), requires grad
+        self.observed: dict[str, torch.Tensor] = {}  # (n, D), of this step
+        self.final: dict[str, torch.Tensor] = {}  # (n, D), of finished edits
+        self.final_observed: dict[str, torch.Tensor] = {}  # (n, D), of finished edits
+
+    def __call__(self, name: str, out: torch.Tensor, _input: torch.Tensor) -> torch.Tensor:
+        step = self.step  # out: (R', W', D)
+        if name not in self.init:
+            self.init[name] = out[self.bare_row, self.bare_look].detach().float()  # (n, D)
+            self.delta[name] = torch.zeros_like(self.init[name], requires_grad=True)
+        add = torch.zeros_like(out)  # (R', W', D)
+        subject = torch.arange(len(step.rows), device=out.device), step.row_look
+        add[subject] = self.delta[name][step.row_edit].to(out.dtype)  # (R', D) at the subjects
+        edited = out + add  # (R', W', D)
+        observed = self.observed.setdefault(name, self.init[name].clone())
+        observed[step.edits] = edited[step.bare_rows, step.bare_look].detach().float()  # (A, D)
+        return edited
+
+    def decay(self, sites: Sequence[str]) -> torch.Tensor:
+        """``sum_site ||delta|| / ||init||^2`` per edit, ``(n,)``."""
+        decay = torch.zeros(len(self.bare_row), device=self.bare_row.device)
+        for s in sites:
+            decay = decay + self.delta[s].norm(dim=1) / self.init[s].norm(dim=1) ** 2
+        return decay
+
+    def finish(self, done: torch.Tensor, sites: Sequence[str]) -> None:
+        """Keep the delta (and observed output) of the edits in ``done`` ``(n,)``."""
+        for s in sites:
+            self.final.setdefault(s, torch.zeros_like(self.init[s]))[done] = self.delta[s].detach()[done]
+            self.final_observed.setdefault(s, torch.zeros_like(self.init[s]))[done] = self.observed[s][done]
+
+    @torch.no_grad()
+    def project(self, active: torch.Tensor, clamp_norm_factor: float, sites: Sequence[str]) -> None:
+        """After an optimiser step: finished edits get their kept delta back (Adam momentum moved it), and
+        every delta is clamped to ``clamp_norm_factor * ||init||``."""
+        for s in sites:
+            delta = self.delta[s]  # (n, D)
+            delta[~active] = self.final[s][~active]
+            limit = clamp_norm_factor * self.init[s].norm(dim=1, keepdim=True)  # (n, 1)
+            norm = delta.norm(dim=1, keepdim=True)  # (n, 1)
+            delta.copy_(torch.where(norm > limit, delta * limit / norm, delta))
+
+
+class _Objective:
+    """The per-edit loss terms ``(n,)`` of a step from its logits ``(N + A, V)``: the mean NLL of the target
+    tokens, whether every target token is the argmax, and the KL of each KL row's next-token distribution
+    from the one at step 0."""
+
+    def __init__(self, b: _Batch) -> None:
+        self.b = b
+        self.kl_init: torch.Tensor | None = None  # (n, V) log-probabilities at step 0
+
+    def __call__(self, logits: torch.Tensor, step: _Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, n_labels = len(self.b.target_len), len(step.label_id)
+        logp = torch.log_softmax(logits[:n_labels], -1)  # (N, V)
+        token_lp = logp.gather(1, step.label_id[:, None]).squeeze(1)  # (N,)
+        nll = torch.zeros(n, device=logp.device).index_add(0, step.label_edit, -token_lp)  # (n,)
+        nll = nll / (self.b.target_len * self.b.n_rows_per_edit)
+        is_argmax = logp.argmax(-1) == step.label_id  # (N,)
+        misses = torch.zeros(n, device=logp.device).index_add(0, step.label_edit, (~is_argmax).float())
+
+        kl_logp = torch.log_softmax(logits[n_labels:], -1)  # (A, V)
+        if self.kl_init is None:
+            self.kl_init = kl_logp.detach()
+        kl_ref = self.kl_init[step.edits]  # (A, V)
+        kl = torch.zeros(n, device=logp.device)
+        kl[step.kl_edit] = (kl_logp.exp() * (kl_logp - kl_ref)).sum(-1)
+        return nll, misses == 0, kl
+
+
+def _step_logits(lm: LayerCachedLM, states: torch.Tensor, step: _Step, layer_cached: bool) -> torch.Tensor:
+    """float32 logits ``(N + A, V)`` at the step's reads (with the site hooks in place): from the cached
+    states ``(R, W, H)`` entering layer L upward, or by full forwards."""
+    if layer_cached:
+        width = step.ids.shape[1]
+        logits = lm.logits(states[step.rows, :width], step.mask, step.at_rows, step.at_positions)
+        return _softcapped(lm.model, logits)
+    return logits_at(lm.model, step.ids, step.mask, step.at_rows, step.at_positions)
+
+
 def _optimise_chunk(
-    lm: LayerCachedLM, b: _Batch, n: int, sites, hp: LocateHParams, nll_factor, relax
+    lm: LayerCachedLM,
+    b: _Batch,
+    n: int,
+    sites: Sequence[str],
+    hp: LocateHParams,
+    nll_factor: float,
+    relax: bool,
 ) -> ValueResult:
-    deltas: dict[str, torch.Tensor] = {}
-    init: dict[str, torch.Tensor] = {}
-    final: dict[str, torch.Tensor] = {}
-    observed: dict[str, torch.Tensor] = {}  # each site's output at the bare prompt's subject, this step
-    final_observed: dict[str, torch.Tensor] = {}
-    active = torch.ones(n, dtype=torch.bool, device=b.ids.device)
-    factor = torch.full((n,), float(nll_factor), device=b.ids.device)
-    kl_init = None
+    """Optimise the deltas of the chunk's ``n`` edits jointly (one Adam over every site); an edit leaves
+    the batch once finished and keeps its delta."""
+    model, device = lm.model, b.ids.device
+    deltas, objective = _Deltas(b), _Objective(b)
+    active = torch.ones(n, dtype=torch.bool, device=device)  # (n,)
+    factor = torch.full((n,), float(nll_factor), device=device)  # (n,) weight of the NLL term
     nll_last = torch.zeros(n)
     steps = [0] * n
-    first_row = torch.arange(n, device=b.ids.device) * (b.n_rows_per_edit + 1)  # bare-prompt row of edit e
     opt = None
-    model = lm.model
-    states = lm.layer_inputs(b.ids, b.mask)  # the layers below are frozen and come before every delta
+    states = lm.layer_inputs(
+        b.ids, b.mask
+    )  # (R, W, H): the layers below are frozen and come before every delta
     layer_cached = None
     for it in range(hp.v_num_grad_steps):
-        rows = active[b.edit].nonzero().squeeze(1)
-        width = int(b.lengths[rows].max())
-        r_edit, r_look = b.edit[rows], b.look[rows]
-
-        # rows of this step are a subset in order; map original row ids to positions in ``rows``
-        local = torch.full((len(b.edit),), -1, dtype=torch.long, device=rows.device)
-        local[rows] = torch.arange(len(rows), device=rows.device)
-        bare_edits = active.nonzero().squeeze(1)
-        bare_rows = local[first_row[bare_edits]]
-
-        def edit_output(
-            name: str,
-            out: torch.Tensor,
-            rows=rows,
-            r_edit=r_edit,
-            r_look=r_look,
-            bare_edits=bare_edits,
-            bare_rows=bare_rows,
-        ) -> torch.Tensor:
-            if name not in init:  # first pass: every edit is active and every delta is zero
-                init[name] = out[first_row, b.look[first_row]].detach().float()
-                deltas[name] = torch.zeros_like(init[name], requires_grad=True)
-            add = torch.zeros_like(out)
-            add[torch.arange(len(rows), device=out.device), r_look] = deltas[name][r_edit].to(out.dtype)
-            edited = out + add
-            observed.setdefault(name, init[name].clone())[bare_edits] = (
-                edited[bare_rows, b.look[first_row[bare_edits]]].detach().float()
-            )
-            return edited
-
-        keep = local[b.label_row] >= 0
-        lr_, lp_, li_ = local[b.label_row[keep]], b.label_pos[keep], b.label_id[keep]
-        kl_rows = rows[b.is_kl[rows]]
-        ids, mask = b.ids[rows, :width], b.mask[rows, :width]
-        at_rows, at_positions = torch.cat([lr_, local[kl_rows]]), torch.cat([lp_, b.look[kl_rows]])
+        step = deltas.step = _step_rows(b, active)
         if layer_cached is None:
-            with Trace(model, sites, edit_output=edit_output):  # checked with zero deltas
-                layer_cached = lm.agrees_with_full_forward(ids, mask, at_rows, at_positions)
-        with torch.enable_grad(), Trace(model, sites, edit_output=edit_output):
-            if layer_cached:
-                logits = _softcapped(model, lm.logits(states[rows, :width], mask, at_rows, at_positions))
-            else:
-                logits = logits_at(model, ids, mask, at_rows, at_positions)
+            with TraceDict(model, sites, edit_output=deltas):  # checked with zero deltas
+                layer_cached = lm.agrees_with_full_forward(
+                    step.ids, step.mask, step.at_rows, step.at_positions
+                )
+        with torch.enable_grad(), TraceDict(model, sites, edit_output=deltas):
+            logits = _step_logits(lm, states, step, layer_cached)  # (N + A, V)
             if opt is None:
-                opt = torch.optim.Adam([deltas[s] for s in sites], lr=hp.v_lr)
-            logp = torch.log_softmax(logits[: len(lr_)], -1)
-            token_lp = logp.gather(1, li_[:, None]).squeeze(1)
-            label_edit = b.edit[b.label_row[keep]]
-            per_edit_nll = torch.zeros(n, device=logp.device).index_add(0, label_edit, -token_lp)
-            per_edit_nll = per_edit_nll / (b.target_len * b.n_rows_per_edit)
-            is_argmax = logp.argmax(-1) == li_
-            misses = torch.zeros(n, device=logp.device).index_add(0, label_edit, (~is_argmax).float())
-            all_argmax = misses == 0
+                opt = torch.optim.Adam([deltas.delta[s] for s in sites], lr=hp.v_lr)
+            nll, all_argmax, kl = objective(logits, step)  # (n,) each
+            decay = deltas.decay(sites)  # (n,)
+            loss = factor * nll + hp.kl_factor * kl + hp.v_weight_decay * decay  # (n,)
 
-            kl_logp = torch.log_softmax(logits[len(lr_) :], -1)
-            if kl_init is None:
-                kl_init = kl_logp.detach()
-            kl_ref = kl_init[active.nonzero().squeeze(1)]
-            kl = torch.zeros(n, device=logp.device)
-            kl[b.edit[kl_rows]] = (kl_logp.exp() * (kl_logp - kl_ref)).sum(-1)
-
-            decay = torch.zeros(n, device=logp.device)
-            for s in sites:
-                decay = decay + deltas[s].norm(dim=1) / init[s].norm(dim=1) ** 2
-            loss = factor * per_edit_nll + hp.kl_factor * kl + hp.v_weight_decay * decay
-
-            nll_last[active.cpu()] = per_edit_nll.detach().cpu()[active.cpu()]
+            nll_last[active.cpu()] = nll.detach().cpu()[active.cpu()]
             done = active & (loss.detach() < hp.v_loss_stop)
             if relax:
                 factor = torch.where(all_argmax, 0.1 * nll_factor, float(nll_factor))
@@ -288,21 +374,13 @@ def _optimise_chunk(
                 done = active.clone()
             for e in done.nonzero().squeeze(1).tolist():
                 steps[e] = it
-            for s in sites:
-                final.setdefault(s, torch.zeros_like(init[s]))
-                final[s][done] = deltas[s].detach()[done]
-                final_observed.setdefault(s, torch.zeros_like(init[s]))[done] = observed[s][done]
+            deltas.finish(done, sites)
             active = active & ~done
             if not bool(active.any()):
                 break
             opt.zero_grad()
             loss[active].sum().backward()
         opt.step()
-        with torch.no_grad():
-            for s in sites:
-                deltas[s][~active] = final[s][~active]  # finished edits keep their delta (Adam momentum)
-                limit = hp.clamp_norm_factor * init[s].norm(dim=1, keepdim=True)
-                norm = deltas[s].norm(dim=1, keepdim=True)
-                deltas[s].copy_(torch.where(norm > limit, deltas[s] * limit / norm, deltas[s]))
-    targets = {s: init[s] + final[s] for s in sites}
-    return ValueResult(init, targets, nll_last.tolist(), steps, final_observed)
+        deltas.project(active, hp.clamp_norm_factor, sites)
+    targets = {s: deltas.init[s] + deltas.final[s] for s in sites}
+    return ValueResult(deltas.init, targets, nll_last.tolist(), steps, deltas.final_observed)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from meg_harness.data.edit_case import EditCase
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.protocol import normalize_answer
+from meg_harness.prompts import normalize_answer
 
 
 def file_index(case: EditCase, position: int) -> int:

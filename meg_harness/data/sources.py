@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from importlib import resources
 from pathlib import Path
 
-from meg_harness.cache import default_cache_dir
+from meg_harness.cache import atomic_path, default_cache_dir
 from meg_harness.errors import HarnessError
 
 DATASETS = ("zsre", "counterfact", "mquake", "unke")
@@ -109,19 +108,17 @@ def download_url(url: str, cache_dir: str | os.PathLike, timeout: float = 60.0) 
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HarnessError(f"cannot create the cache folder ({exc.strerror or exc})", file=folder) from None
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+        with (
+            atomic_path(target, suffix=".part") as tmp,
+            open(tmp, "wb") as out,
+            urllib.request.urlopen(url, timeout=timeout) as response,  # noqa: S310
+        ):
             while chunk := response.read(1 << 20):
                 out.write(chunk)
-        os.replace(tmp, target)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        Path(tmp).unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
         raise HarnessError(f"download failed: {reason}", file=url, field="data_path") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return target
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from meg_harness.data.edit_case import EditCase
-from meg_harness.evaluate.templates import QueryTemplate
+from meg_harness.prompts import QueryTemplate
 
 
 class Edited:

@@ -21,7 +21,7 @@ from meg_harness.evaluate.scoring import (
     greedy_answers,
     teacher_forced_accuracy,
 )
-from meg_harness.evaluate.templates import QueryTemplate
+from meg_harness.prompts import QueryTemplate, context_length, encode_query, encode_target, split_source
 
 
 @dataclass(frozen=True)
@@ -33,50 +33,6 @@ class ProbeSpec:
     question: str
     target: str | None  # None for locality: the label is the unedited model's answer
     source: str | None
-
-
-def encode_target(tokenizer, target: str, *, where: str | None = None) -> tuple[int, ...]:
-    """Token ids of ``" " + target`` (targets are scored with a leading space)."""
-    ids = tuple(tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"])
-    if not ids:
-        file, record = _split_source(where)
-        raise HarnessError(
-            f"target {target!r} tokenizes to nothing", file=file, record=record, field="target_new"
-        )
-    return ids
-
-
-def encode_answer(
-    tokenizer, template: QueryTemplate, target: str, *, terminator: bool, where: str | None = None
-) -> tuple[int, ...]:
-    """What an edit trains toward: ``" " + target`` as :func:`encode_target` tokenises it, followed by the
-    template's answer terminator when ``terminator`` (greedy decoding then stops after the answer)."""
-    ids = encode_target(tokenizer, target, where=where)
-    if terminator and template.terminator:
-        ids += tuple(tokenizer(template.terminator, add_special_tokens=False)["input_ids"])
-    return ids
-
-
-def encode_query(tokenizer, template: QueryTemplate, question: str) -> tuple[int, ...]:
-    """Token ids of the templated question (with the tokenizer's own special tokens, e.g. BOS)."""
-    return tuple(tokenizer(template.format(question))["input_ids"])
-
-
-def _split_source(source: str | None) -> tuple[str | None, str | None]:
-    """``"file:index"`` (EditCase.source) -> (file, index)."""
-    if source is None:
-        return None, None
-    file, _, record = source.rpartition(":")
-    return (file, record) if file and record.isdigit() else (source, None)
-
-
-def context_length(model) -> int | None:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def probe_specs(cases: Sequence[EditCase]) -> list[ProbeSpec]:
@@ -92,7 +48,8 @@ def probe_specs(cases: Sequence[EditCase]) -> list[ProbeSpec]:
 
 
 class Evaluator:
-    """Scores any Edited model on the same probes with the same rules (see DESIGN.md, protocol)."""
+    """Scores any Edited model on the same probes with the same rules (ARCHITECTURE.md, "The evaluation
+    protocol")."""
 
     def __init__(
         self,
@@ -120,7 +77,7 @@ class Evaluator:
             if spec.target is not None:
                 length += len(encode_target(self.tokenizer, spec.target, where=spec.source))
             if limit is not None and length > limit:
-                file, record = _split_source(spec.source)
+                file, record = split_source(spec.source)
                 raise HarnessError(
                     f"prompt of case {spec.case_id} ({spec.kind}) needs {length} tokens with its answer, "
                     f"more than the model's context of {limit}",

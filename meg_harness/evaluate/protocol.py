@@ -1,10 +1,13 @@
-"""Pure rules of the protocol: answer normalisation, AG comparison, aggregation into the six metrics."""
+"""Pure rules of the protocol: AG comparison, aggregation into the six metrics (answers are normalised
+as :func:`meg_harness.prompts.normalize_answer` says)."""
 
 from __future__ import annotations
 
 import math
 import statistics
 from collections.abc import Iterable, Sequence
+
+from meg_harness.prompts import normalize_answer
 
 METRIC_KEYS = (
     "reliability_ag",
@@ -15,22 +18,6 @@ METRIC_KEYS = (
     "locality_tf",
 )
 ALL_METRIC_KEYS = (*METRIC_KEYS, "score")
-ANSWER_CUTS = ("\n", "\\")
-
-
-def cut_answer(text: str) -> str:
-    """The answer part of a generation: up to the first newline (or backslash)."""
-    for cut in ANSWER_CUTS:
-        text = text.split(cut, 1)[0]
-    return text
-
-
-def normalize_answer(text: str) -> str:
-    """Cut, strip, drop one trailing period, casefold: the form AG compares."""
-    text = cut_answer(text).strip()
-    if text.endswith("."):
-        text = text[:-1].rstrip()
-    return text.casefold()
 
 
 def ag_match(prediction: str, target: str) -> bool:

@@ -13,9 +13,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from meg_harness.editing.base import Edited
-from meg_harness.evaluate.protocol import ANSWER_CUTS
-
-MAX_NEW_TOKENS = 20
+from meg_harness.prompts import ANSWER_CUTS, MAX_NEW_TOKENS
 
 
 @dataclass(frozen=True)

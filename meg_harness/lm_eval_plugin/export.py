@@ -5,95 +5,20 @@
 
 selects cases exactly as ``meg-harness run`` does (same ``select_cases``), computes the locality labels
 with :meth:`Evaluator.locality_labels` (cached like a run's) and writes the JSON that
-``lm_eval ... --metadata cases=OUT.json`` reads. :func:`write_cases_file` writes it from objects a caller
-already has (a run, a test); an artifact folder may carry it as ``lm_eval_cases.json``.
+``lm_eval ... --metadata cases=OUT.json`` reads. The file itself (its format, :func:`write_cases_file`,
+:func:`read_cases_file`) belongs to the results store, :mod:`meg_harness.store`: a run writes it into each
+artifact folder as ``lm_eval_cases.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from meg_harness.data.edit_case import EditCase
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.templates import QueryTemplate
-
-FORMAT = "meg-harness/lm-eval-cases/v1"
-ARTIFACT_FILE = "lm_eval_cases.json"
-
-
-@dataclass(frozen=True)
-class CasesFile:
-    """The contents of a cases file."""
-
-    dataset: str
-    template: QueryTemplate
-    cases: list[EditCase]
-    labels: dict[str, tuple[str, tuple[int, ...]]]  # locality prompt -> (answer text, answer token ids)
-    max_new_tokens: int = 20
-
-
-def write_cases_file(
-    path: str | os.PathLike,
-    dataset: str,
-    cases: Sequence[EditCase],
-    template: QueryTemplate,
-    labels: Mapping[str, Any],
-    *,
-    model_fingerprint: str | None = None,
-    max_new_tokens: int = 20,
-) -> Path:
-    """Write the cases file (atomically). ``labels``: ``Evaluator.locality_labels`` output (prompt ->
-    Generation), or prompt -> (text, ids)."""
-    record = {
-        "format": FORMAT,
-        "dataset": dataset,
-        "template": {"name": template.name, "text": template.text},
-        "max_new_tokens": max_new_tokens,
-        "model_fingerprint": model_fingerprint,
-        "cases": [case.to_dict() for case in cases],
-        "locality_labels": {q: _label(g) for q, g in sorted(labels.items())},
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, ensure_ascii=False, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _label(generation: Any) -> dict[str, Any]:
-    text, ids = (generation.text, generation.answer_ids) if hasattr(generation, "text") else generation
-    return {"text": text, "answer_ids": [int(i) for i in ids]}
-
-
-def read_cases_file(path: str | os.PathLike) -> CasesFile:
-    """Read a cases file; a HarnessError naming the file for anything malformed."""
-    path = Path(path).expanduser()
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise HarnessError(f"cannot read the lm-eval cases file: {error}", file=path) from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise HarnessError(f"not a {FORMAT} file (write one with `python -m {__name__}`)", file=path)
-    try:
-        template = QueryTemplate(record["template"]["name"], record["template"]["text"])
-        cases = [EditCase.from_dict(c) for c in record["cases"]]
-        labels = {q: (v["text"], tuple(v["answer_ids"])) for q, v in record["locality_labels"].items()}
-    except (KeyError, TypeError) as error:
-        raise HarnessError(f"malformed lm-eval cases file: {error!r}", file=path) from None
-    missing = sorted({p.prompt for c in cases for p in c.locality} - set(labels))
-    if missing:
-        raise HarnessError(f"no unedited answer for locality prompt {missing[0]!r}", file=path)
-    return CasesFile(record["dataset"], template, cases, labels, int(record.get("max_new_tokens", 20)))
+from meg_harness.store import write_cases_file
 
 
 def export_cases(
@@ -116,8 +41,8 @@ def export_cases(
     from meg_harness.data import load_cases, select_cases
     from meg_harness.editing.base import Edited
     from meg_harness.evaluate.evaluator import Evaluator
-    from meg_harness.evaluate.templates import get_template
     from meg_harness.models import get_adapter, load_model, model_fingerprint
+    from meg_harness.prompts import get_template
 
     cases = select_cases(
         load_cases(dataset, data_path, zsre_target=zsre_target), n_edits, seed, index_range, one_per_subject

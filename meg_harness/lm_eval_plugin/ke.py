@@ -6,8 +6,9 @@ query and ``" " + target``) and a greedy answer (``generate_until``, at most 20 
 ``meg``/``edited`` models answer both with the native scoring code, so the six numbers and Score equal
 ``meg-harness run``'s (as fractions: lm-eval reports 0-1, metrics.json percent).
 
-Documents come from a cases file (:mod:`meg_harness.lm_eval_plugin.export`): ``--metadata cases=FILE``,
-or ``lm_eval_cases.json`` inside the artifact folder given as ``meg_path=`` / ``delta=``.
+Documents come from a cases file (:func:`meg_harness.store.read_cases_file`; written by a run or by
+:mod:`meg_harness.lm_eval_plugin.export`): ``--metadata cases=FILE``, or ``lm_eval_cases.json`` inside the
+artifact folder given as ``meg_path=`` / ``delta=``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from lm_eval.api.task import ConfigurableTask
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.evaluator import probe_specs
 from meg_harness.evaluate.protocol import ag_match, summarize
-from meg_harness.lm_eval_plugin.export import ARTIFACT_FILE, CasesFile, read_cases_file
 from meg_harness.lm_eval_plugin.probes import PROBE_KEY, probe_of, tf_value
+from meg_harness.store import CASES_FILE, CasesFile, read_cases_file
 
 KIND_NAMES = {"edit": "reliability", "rephrase": "generality", "locality": "locality"}
 MEASURES = ("tf", "ag")
@@ -35,8 +36,8 @@ def find_cases_file(metadata: dict[str, Any]) -> Path | None:
     if metadata.get("cases"):
         return Path(str(metadata["cases"])).expanduser()
     for key in ("meg_path", "delta"):
-        if metadata.get(key) and (Path(str(metadata[key])) / ARTIFACT_FILE).is_file():
-            return Path(str(metadata[key])) / ARTIFACT_FILE
+        if metadata.get(key) and (Path(str(metadata[key])) / CASES_FILE).is_file():
+            return Path(str(metadata[key])) / CASES_FILE
     return None
 
 
@@ -52,7 +53,7 @@ def load_source(dataset: str, metadata: dict[str, Any], *, needs_labels: bool) -
         return source
     if not needs_labels and metadata.get("data_path"):
         from meg_harness.data import load_cases
-        from meg_harness.evaluate.templates import get_template
+        from meg_harness.prompts import get_template
 
         if not metadata.get("template"):
             raise HarnessError(f"task {task} with data_path= needs template= (a name or a text with {{}})")
@@ -63,7 +64,7 @@ def load_source(dataset: str, metadata: dict[str, Any], *, needs_labels: bool) -
         f"task {task} needs {what}: pass `--metadata cases=FILE` (write FILE with `python -m "
         f"meg_harness.lm_eval_plugin.export`)"
         + ("" if needs_labels else ", or `data_path=FILE template=NAME`")
-        + f", or an artifact folder (meg_path=/delta=) that contains {ARTIFACT_FILE}",
+        + f", or an artifact folder (meg_path=/delta=) that contains {CASES_FILE}",
         field="cases",
     )
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lm_eval.models  # noqa: F401  (lm-eval's own table first: get_model imports it only when empty)
 from lm_eval.api.registry import register_model
@@ -36,6 +38,7 @@ from meg_harness.lm_eval_plugin.artifacts import (
 )
 from meg_harness.lm_eval_plugin.perrow import PerRowHFLM
 from meg_harness.meg.model import check_routing
+from meg_harness.settings import POSITIVE, Rule, Settings, settings_from_mapping
 
 log = logging.getLogger(__name__)
 cli_errors.install()  # in the `lm_eval` command (also when registered without the start-up hook)
@@ -45,19 +48,38 @@ MEG_SOURCE = (
 )
 
 
-def _positive_int(value: Any, field: str) -> int | None:
-    """``value`` (an int or its text) as a positive int; None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():  # the lm_eval command parses "-3" as -3.0
-        value = int(value)
-    try:
-        number = int(str(value))
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise HarnessError(f"{field} must be a positive integer, got {value!r}", field=field)
-    return number
+@dataclass(frozen=True)
+class MegArgs(Settings):
+    """``--model meg``'s own model args besides ``meg_path`` (see :class:`MegLM`)."""
+
+    route: str = "auto"
+    ddim_steps: int | None = None
+
+    CHECKS: ClassVar[Mapping[str, Rule]] = {"ddim_steps": POSITIVE}
+
+    def check(self) -> None:
+        check_routing(self.route)
+
+    @classmethod
+    def parse(cls, route: Any, ddim_steps: Any) -> MegArgs:
+        """From lm-eval's reading of ``--model_args`` (``none`` becomes None, ``-3`` becomes -3.0, words stay
+        text). A value outside a field's rule is named as typed: ``ddim_steps must be a positive integer``."""
+        values = {"route": "none" if route is None else str(route), "ddim_steps": _whole_number(ddim_steps)}
+        try:
+            return settings_from_mapping(cls, values, "meg model arg")
+        except HarnessError as error:
+            if error.field and error.reason.startswith("must be"):
+                raise HarnessError(f"{error.field} {error.reason}", field=error.field) from None
+            raise
+
+
+def _whole_number(value: Any) -> Any:
+    """An integral float or the text of an integer as an int (``-3.0``, ``"7"``); anything else as it is."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    return value
 
 
 def check_meg_artifact(meg_path: str | Path) -> dict[str, Any]:
@@ -133,9 +155,8 @@ class MegLM(PerRowHFLM):
         if not meg_path:
             raise HarnessError(f"--model meg needs meg_path=ARTIFACT_DIR; {MEG_SOURCE}", field="meg_path")
         self.meg_path = str(meg_path)
-        # lm-eval's model-args parser turns the text "none" into None
-        self.route = check_routing("none" if route is None else str(route))
-        self.ddim_steps = _positive_int(ddim_steps, "ddim_steps")
+        args = MegArgs.parse(route, ddim_steps)
+        self.route, self.ddim_steps = args.route, args.ddim_steps
         self.meg_config = check_meg_artifact(self.meg_path)  # before the model is loaded
         super().__init__(pretrained, **kwargs)
 

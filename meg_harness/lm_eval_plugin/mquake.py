@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from meg_harness.evaluate.protocol import ag_match
-from meg_harness.lm_eval_plugin.export import CasesFile
 from meg_harness.lm_eval_plugin.ke import ProbeTask, as_dataset, load_source, present_mean, probe_doc
 from meg_harness.lm_eval_plugin.probes import probe_of
+from meg_harness.store import CasesFile
 
 
 def mquake_docs(source: CasesFile) -> list[dict[str, Any]]:

@@ -13,8 +13,10 @@ token tensors, so each row's question is recovered exactly, without decoding:
   questions cannot be told apart in a padded batch: that raises an error asking for ``batch_size=1``.
 
 A row's question: the question a meg-harness task document names (:func:`routing_question`); otherwise
-the request's context with the query template (model arg ``template``) stripped when the context has its
-form; otherwise the whole context (rolling-loglikelihood windows: their decoded text).
+the question :func:`~meg_harness.editing.routing.question_from_text` recovers from the request's context
+(the same rule as the EasyEdit-style API's routing: with the query template of model arg ``template``,
+the text between its prefix and suffix when the context has that form, else the whole context, stripped);
+for rolling-loglikelihood windows, their decoded text.
 
 Requests of meg-harness short-answer probe documents skip HFLM and run the native protocol code
 (:func:`teacher_forced_accuracy`, :func:`greedy_answers`), which enters ``rows`` itself: same token ids,
@@ -35,12 +37,12 @@ from lm_eval.models.huggingface import HFLM
 from safetensors import SafetensorError
 
 from meg_harness.editing.base import Edited
+from meg_harness.editing.routing import is_per_row, question_from_text
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.evaluator import encode_query, encode_target
 from meg_harness.evaluate.scoring import MAX_NEW_TOKENS, Probe, greedy_answers, teacher_forced_accuracy
-from meg_harness.evaluate.templates import QueryTemplate, get_template
 from meg_harness.lm_eval_plugin.probes import probe_of, routing_question, tf_response
 from meg_harness.models.loading import _HUB_ID, resolve_alias
+from meg_harness.prompts import QueryTemplate, encode_query, encode_target, get_template
 
 NATIVE_BATCH_SIZE = 16  # for the native path when lm-eval's batch size is "auto"
 _AMBIGUOUS = object()
@@ -133,20 +135,12 @@ class PerRowHFLM(HFLM):
     @property
     def per_row(self) -> bool:
         """Whether the edit differs per row (bookkeeping is skipped for static or no edits)."""
-        return type(self.edited).rows is not Edited.rows
+        return is_per_row(self.edited)
 
     # -- questions ----------------------------------------------------------------------------------
     def question_for_context(self, context: str) -> str:
         """The raw question of a context that is not a meg-harness document (see module docstring)."""
-        if self.template is not None and "{}" in self.template.text:
-            prefix, suffix = self.template.text.split("{}", 1)
-            if (
-                len(context) >= len(prefix) + len(suffix)
-                and context.startswith(prefix)
-                and context.endswith(suffix)
-            ):
-                return context[len(prefix) : len(context) - len(suffix)]
-        return context
+        return question_from_text(context, self.template)
 
     def _remember(self, requests: Iterable[Any]) -> None:
         for req in requests:

@@ -21,17 +21,15 @@ so a resumed run reproduces an uninterrupted one bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -41,17 +39,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from meg_harness.cache import atomic_write_text, content_hash, default_cache_dir
+from meg_harness.cache import atomic_path, atomic_write_text, content_hash, default_cache_dir
 from meg_harness.data.edit_case import EditCase
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.evaluator import context_length, encode_answer, encode_query
 from meg_harness.evaluate.protocol import ag_match
 from meg_harness.evaluate.scoring import Probe, greedy_answers
-from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.meg.neuron import DynamicNeuron, NeuronBatch, NeuronEdited, NeuronTuple
 from meg_harness.models.adapters import ArchitectureAdapter, get_adapter
-from meg_harness.models.layer_cache import LayerCachedLM, right_pad_ids
+from meg_harness.models.layer_cache import LayerCachedLM, right_pad_ids, target_index
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.models.nethook import frozen
+from meg_harness.prompts import MAX_NEW_TOKENS, QueryTemplate, context_length, encode_answer, encode_query
 from meg_harness.settings import NON_NEGATIVE, POSITIVE, Rule, Settings, one_of, settings_from_mapping
 
 log = logging.getLogger(__name__)
@@ -83,7 +81,7 @@ class CollectHParams(Settings):
     shard_size: int = 64
     init_std: float = 0.05
     seed: int = 0
-    max_new_tokens: int = 20
+    max_new_tokens: int = MAX_NEW_TOKENS
     precheck: bool = True
     layer_cache: bool = True
     value_lr_scale: float = 5.0
@@ -269,20 +267,11 @@ class _Collector:
 
     # one optimisation step
     def _answer_index(self, rows: Sequence[_Row]) -> tuple[torch.Tensor, ...]:
-        b_idx, p_idx, targets, weights = [], [], [], []
-        for b, row in enumerate(rows):
-            q, answer = len(row.edit.query_ids), row.edit.answer_ids
-            b_idx += [b] * len(answer)
-            p_idx += range(q - 1, q - 1 + len(answer))
-            targets += answer
-            weights += [1.0 / len(answer)] * len(answer)
-        as_long = dict(dtype=torch.long, device=self.device)
-        return (
-            torch.tensor(b_idx, **as_long),
-            torch.tensor(p_idx, **as_long),
-            torch.tensor(targets, **as_long),
-            torch.tensor(weights, device=self.device),
-        )
+        """(row, position, target id) of every answer token ``[N]`` and its weight 1 / answer length."""
+        answers = [r.edit.answer_ids for r in rows]
+        index = target_index([len(r.edit.query_ids) - 1 for r in rows], answers, self.device)
+        weights = [1.0 / len(answer) for answer in answers for _ in answer]
+        return (*index, torch.tensor(weights, device=self.device))
 
     def _logits(self, rows: Sequence[_Row], b_idx: torch.Tensor, p_idx: torch.Tensor, layer_cached: bool):
         ids, mask = right_pad_ids([r.edit.input_ids for r in rows], self.pad_id, self.device)
@@ -383,7 +372,7 @@ def _shard_paths(folder: Path, index: int) -> tuple[Path, Path]:
 
 
 def _write_shard(folder: Path, index: int, case_ids: Sequence[str], result: _ShardResult) -> None:
-    """Tensors first, then the json that marks the shard complete; each via a temp file + os.replace."""
+    """Tensors first, then the json that marks the shard complete; each written atomically (atomic_path)."""
     from safetensors.torch import save_file
 
     tensors_path, meta_path = _shard_paths(folder, index)
@@ -392,14 +381,8 @@ def _write_shard(folder: Path, index: int, case_ids: Sequence[str], result: _Sha
     if result.neurons.bias is not None:
         tensors["bias"] = result.neurons.bias
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{tensors_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(tensors_path) as tmp:
         save_file(tensors, tmp)
-        os.replace(tmp, tensors_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     meta = {
         "case_ids": list(case_ids),
         "success": result.success,
@@ -440,22 +423,6 @@ def cache_key(
 # -- entry point ------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients for the duration; the previous state is restored."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(training)
-
-
 def collect_neurons(
     model: nn.Module,
     tokenizer,
@@ -485,7 +452,7 @@ def collect_neurons(
     shards = [range(i, min(i + hp.shard_size, len(edits))) for i in range(0, len(edits), hp.shard_size)]
     results: list[_ShardResult] = []
     reused = 0
-    with _frozen(model), tqdm(total=len(edits), desc="collecting neurons", disable=not progress) as bar:
+    with frozen(model), tqdm(total=len(edits), desc="collecting neurons", disable=not progress) as bar:
         collector = _Collector(model, tokenizer, hp, adapter, layer_cached=hp.layer_cache)
         for j, shard in enumerate(shards):
             ids = [edits[i].case_id for i in shard]

@@ -23,7 +23,6 @@ from meg_harness.data.edit_case import EditCase
 from meg_harness.editing.base import Edited, Editor
 from meg_harness.editing.registry import register_method
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.meg.collect import collect_neurons
 from meg_harness.meg.diffusion import WeightNormalizer
 from meg_harness.meg.encoder import TextEncoder, load_text_encoder
@@ -34,6 +33,7 @@ from meg_harness.meg.model import MegEdited, MegModel
 from meg_harness.meg.train_generator import LENGTH_SETTINGS, continue_shorter_run, train_generator
 from meg_harness.models.adapters import get_adapter
 from meg_harness.models.loading import model_fingerprint
+from meg_harness.prompts import QueryTemplate
 
 GENERATOR_CACHE_VERSION = "meg-generator/v1"
 # Training settings added after the cache format was fixed: they enter the cache key only when they differ
@@ -276,7 +276,7 @@ class MegEditor(Editor):
 
     @classmethod
     def load(cls, directory: Path, model: Any, tokenizer: Any) -> Edited:
-        from meg_harness.evaluate.templates import QueryTemplate
+        from meg_harness.prompts import QueryTemplate
 
         meg = MegModel.from_pretrained(directory, device=next(model.parameters()).device)
         spec = (meg.extra or {}).get("template")

@@ -110,6 +110,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        # t: (B,) -> (B, frequency_dim) sinusoids -> (B, D)
         return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
 
 
@@ -132,10 +133,11 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x: (B, N, D) patch tokens, c: (B, D) condition; shifts, scales and gates: (B, D) each
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = modulate(self.norm1(x), shift_a, scale_a)
-        x = x + gate_a.unsqueeze(1) * self.attn(h, h, h, need_weights=False)[0]
-        return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        h = modulate(self.norm1(x), shift_a, scale_a)  # (B, N, D)
+        x = x + gate_a.unsqueeze(1) * self.attn(h, h, h, need_weights=False)[0]  # (B, N, D)
+        return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # (B, N, D)
 
 
 class FinalLayer(nn.Module):
@@ -148,8 +150,9 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        # x: (B, N, D) patch tokens, c: (B, D) condition
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, P)
 
 
 def sincos_positions(n: int, dim: int) -> torch.Tensor:
@@ -192,14 +195,16 @@ class WeightDiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # x: (B, V) noisy weight vectors (V = vector_dim), t: (B,) timesteps, cond: (B, C) [CLS] embeddings;
+        # D = hidden
         batch, dim = x.shape
-        p, n = self.config.patch_size, self.config.num_patches
-        tokens = nn.functional.pad(x, (0, n * p - dim)).reshape(batch, n, p)
-        h = self.patch_embed(tokens) + self.pos_embed.to(tokens.dtype)
-        c = self.t_embedder(t) + self.c_embedder(cond.to(h.dtype))
+        p, n = self.config.patch_size, self.config.num_patches  # P values per patch, N = ceil(V / P) patches
+        tokens = nn.functional.pad(x, (0, n * p - dim)).reshape(batch, n, p)  # (B, N, P) zero-padded patches
+        h = self.patch_embed(tokens) + self.pos_embed.to(tokens.dtype)  # (B, N, D)
+        c = self.t_embedder(t) + self.c_embedder(cond.to(h.dtype))  # (B, D)
         for block in self.blocks:
-            h = block(h, c)
-        return self.final_layer(h, c).reshape(batch, n * p)[:, :dim]
+            h = block(h, c)  # (B, N, D)
+        return self.final_layer(h, c).reshape(batch, n * p)[:, :dim]  # (B, N, P) -> (B, V)
 
 
 class MLPGenerator(nn.Module):
@@ -223,10 +228,11 @@ class MLPGenerator(nn.Module):
         nn.init.zeros_(self.output[-1].bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = self.input(x) + self.t_embedder(t) + self.c_embedder(cond.to(x.dtype))
+        # x: (B, V) noisy weight vectors, t: (B,) timesteps, cond: (B, C) [CLS] embeddings; D = hidden
+        h = self.input(x) + self.t_embedder(t) + self.c_embedder(cond.to(x.dtype))  # (B, D)
         for block in self.blocks:
-            h = h + block(h)
-        return self.output(h)
+            h = h + block(h)  # (B, D)
+        return self.output(h)  # (B, V)
 
 
 def build_generator(config: GeneratorConfig, seed: int = 0) -> nn.Module:

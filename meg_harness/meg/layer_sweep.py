@@ -15,19 +15,18 @@ import dataclasses
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from meg_harness.cache import JsonCache, default_cache_dir
+from meg_harness.cache import JsonCache, atomic_path, default_cache_dir
 from meg_harness.data.edit_case import EditCase
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.meg.collect import CollectHParams, collect_neurons
 from meg_harness.models.adapters import get_adapter
+from meg_harness.prompts import QueryTemplate
 
 Row = dict[str, Any]
 TIMING_NAMESPACE = "layer_sweep"
@@ -219,16 +218,8 @@ def plot_sweep(rows: Sequence[Row], path: str | os.PathLike, title: str = "") ->
         if title:
             ax.set_title(title)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path, mode=0o644) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     finally:
         plt.close(fig)
     return path

@@ -33,12 +33,12 @@ from torch import nn
 from meg_harness.cache import atomic_write_text
 from meg_harness.editing.base import Edited
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.templates import QueryTemplate
 from meg_harness.meg.diffusion import DiffusionConfig, WeightNormalizer, ddim_sample
 from meg_harness.meg.encoder import TextEncoder
 from meg_harness.meg.familiarity import FamiliarityNetwork
 from meg_harness.meg.generator import GeneratorConfig, build_generator
 from meg_harness.meg.neuron import DynamicNeuron, NeuronBatch
+from meg_harness.prompts import QueryTemplate
 
 ARTIFACT_FORMAT = "meg-harness/meg-artifact/v1"
 CONFIG_FILE = "config.json"

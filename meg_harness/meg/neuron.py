@@ -17,6 +17,7 @@ from torch import nn
 from meg_harness.editing.base import Edited
 from meg_harness.errors import HarnessError
 from meg_harness.models.adapters import ArchitectureAdapter, get_adapter
+from meg_harness.models.nethook import Trace
 
 NeuronTuple = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]  # (key [H], bias [] or None, value [H])
 
@@ -160,29 +161,25 @@ class DynamicNeuron:
             index = active.to(torch.bool).nonzero().squeeze(1).to(neurons.key.device)
             neurons = neurons.select(index)
 
-        def hook(_module: nn.Module, args: tuple, kwargs: dict, output):
+        def add(_name: str, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             if index is not None and index.numel() == 0:
-                return None
-            tensor = output[0] if isinstance(output, tuple) else output
-            x = args[0] if args else next(iter(kwargs.values()))
+                return output
             expected = len(neurons) if index is None else len(active)  # type: ignore[arg-type]
             if x.shape[0] != expected:
                 raise HarnessError(
                     f"batch of {x.shape[0]} rows but {expected} neurons attached", field="neurons"
                 )
             if index is None:
-                new = tensor + self.contribution(x, neurons).to(tensor.dtype)
-            else:
-                rows = index.to(x.device)
-                added = self.contribution(x.index_select(0, rows), neurons).to(tensor.dtype)
-                new = tensor.index_add(0, rows, added)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
+                return output + self.contribution(x, neurons).to(output.dtype)
+            rows = index.to(x.device)
+            added = self.contribution(x.index_select(0, rows), neurons).to(output.dtype)
+            return output.index_add(0, rows, added)
 
-        handle = self.module.register_forward_hook(hook, with_kwargs=True)
+        trace = Trace(self.module, edit_output=add)
         try:
             yield
         finally:
-            handle.remove()
+            trace.close()
 
 
 def _to(neuron: NeuronTuple, device: torch.device) -> NeuronTuple:

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from meg_harness.budget import WallClock, stopped
+from meg_harness.cache import atomic_path
 from meg_harness.errors import HarnessError
 from meg_harness.meg.diffusion import DiffusionConfig, WeightNormalizer, ddim_sample, v_prediction_loss
 from meg_harness.settings import (
@@ -147,9 +148,8 @@ def l2_report(generated: torch.Tensor, targets: torch.Tensor) -> dict[str, float
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, mode=0o644) as tmp:
+        torch.save(state, tmp)
 
 
 def continue_shorter_run(folder: str | os.PathLike, lineage: str, config: TrainConfig) -> int:
@@ -187,9 +187,8 @@ def continue_shorter_run(folder: str | os.PathLike, lineage: str, config: TrainC
         if resumable and best_steps < steps <= shared:
             best_steps, best_path = steps, checkpoint
     if best_path is not None:
-        tmp = folder / f".{CHECKPOINT}.{os.getpid()}.tmp"
-        shutil.copyfile(best_path, tmp)
-        os.replace(tmp, folder / CHECKPOINT)
+        with atomic_path(folder / CHECKPOINT, mode=0o644) as tmp:
+            shutil.copyfile(best_path, tmp)
     return best_steps
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from meg_harness.errors import HarnessError
+from meg_harness.models.nethook import Trace
 
 # Tokens whose presence in a tokenizer's vocabulary selects a chat template (checked in order).
 CHAT_MARKERS: tuple[tuple[str, str], ...] = (
@@ -157,13 +158,13 @@ class ArchitectureAdapter:
         key: torch.Tensor,
         bias: torch.Tensor | float | None,
         value: torch.Tensor,
-    ) -> torch.utils.hooks.RemovableHandle:
+    ) -> Trace:
         """Add one neuron at every position (a forward hook on the FFN); ``handle.remove()`` undoes it."""
 
-        def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output + self.neuron_output(model, layer, args[0], key, bias, value).to(output.dtype)
+        def add(_name: str, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return output + self.neuron_output(model, layer, x, key, bias, value).to(output.dtype)
 
-        return self.mlp(model, layer).register_forward_hook(hook)
+        return Trace(self.mlp(model, layer), edit_output=add)
 
     # -- templates ------------------------------------------------------------------------------------
     def default_template(self, model: nn.Module | None = None, tokenizer: object | None = None) -> str:

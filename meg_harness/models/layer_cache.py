@@ -12,14 +12,11 @@ import torch
 from torch import nn
 
 from meg_harness.models.adapters import ArchitectureAdapter, get_adapter
+from meg_harness.models.nethook import Trace
 
 log = logging.getLogger(__name__)
 
 VERIFY_RTOL = 1e-4  # layer-cached vs full logits, relative to the largest logit
-
-
-class _Captured(Exception):
-    """Raised by the capture hook to stop a forward once the input of layer L is known."""
 
 
 class LayerCachedLM:
@@ -43,20 +40,9 @@ class LayerCachedLM:
     @torch.no_grad()
     def layer_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The hidden states entering layer L, ``[B, T, H]``."""
-        captured: list[torch.Tensor] = []
-
-        def grab(_module, args, kwargs):
-            captured.append(args[0] if args else kwargs["hidden_states"])
-            raise _Captured
-
-        handle = self.layer_module.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
+        with Trace(self.layer_module, retain_input=True, stop_before=True) as trace:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        return captured[0].detach()
+        return trace.input
 
     def layer_inputs_per_row(
         self, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32
@@ -78,10 +64,13 @@ class LayerCachedLM:
         layers = getattr(self.decoder, self.layers_attr)
         config = self.adapter.text_config(self.model)
         layer_types = getattr(config, "layer_types", None)
-        handles = []
+        zero = None  # absolute position embeddings (GPT-2's wpe) add nothing to the cached states
         if self.adapter.position_embedding_module:
-            module = self.model.get_submodule(self.adapter.position_embedding_module)
-            handles.append(module.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out)))
+            zero = Trace(
+                self.model,
+                self.adapter.position_embedding_module,
+                edit_output=lambda _name, out, _input: torch.zeros_like(out),
+            )
         setattr(self.decoder, self.layers_attr, nn.ModuleList(list(layers)[self.layer :]))
         if isinstance(layer_types, list):
             config.layer_types = layer_types[self.layer :]
@@ -91,8 +80,8 @@ class LayerCachedLM:
             setattr(self.decoder, self.layers_attr, layers)
             if isinstance(layer_types, list):
                 config.layer_types = layer_types
-            for handle in handles:
-                handle.remove()
+            if zero is not None:
+                zero.close()
 
     def logits(
         self,
@@ -169,3 +158,26 @@ def right_pad_ids(
         ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
+
+
+def target_index(
+    starts: Sequence[int],
+    labels: Sequence[Sequence[int]],
+    device: torch.device | str | None = None,
+    rows: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``(row, position, label)`` long tensors ``[N]`` a next-token loss reads, one entry per label:
+    label ``j`` of sequence ``i`` is predicted at position ``starts[i] + j`` of batch row ``rows[i]``
+    (default ``i``); sequences in order, then their labels."""
+    row_ids: list[int] = []
+    positions: list[int] = []
+    label_ids: list[int] = []
+    for i, (start, ids) in enumerate(zip(starts, labels, strict=True)):
+        row_ids += [i if rows is None else rows[i]] * len(ids)
+        positions += range(start, start + len(ids))
+        label_ids += ids
+
+    def as_long(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return as_long(row_ids), as_long(positions), as_long(label_ids)

@@ -18,7 +18,8 @@ from typing import Any
 from meg_harness.errors import HarnessError
 from meg_harness.report.model_names import canonical_model
 from meg_harness.report.results import UNEDITED, read_json
-from meg_harness.report.runs import SEED_FOLDER, visible_files
+from meg_harness.report.runs import visible_files
+from meg_harness.store import SEED_FOLDER
 
 ARTIFACT_KEYS = {"meg": "meg_path", "edited": "delta"}
 EDITOR_FILES = ("editor.json", "edit.json")

@@ -9,7 +9,6 @@ files) contributes that file and its ``<key>_std`` values. Hparams: those the ed
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +19,8 @@ from meg_harness.errors import HarnessError
 from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
 from meg_harness.report.model_names import canonical_model
 from meg_harness.report.results import metric_values, read_json, read_result, starts_with_rates
+from meg_harness.store import SEED_FOLDER
 
-SEED_FOLDER = re.compile(r"^seed(\d+)$")
 ARTIFACT_CONFIG = Path("artifact") / "config.json"
 
 
