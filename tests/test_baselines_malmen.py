@@ -474,8 +474,8 @@ def test_runner_fits_scores_and_saves_malmen(tmp_path):
             "locality_ground_truth": "French",
         }
 
-    (tmp_path / "train.json").write_text(json.dumps([record(i, c) for i, c in enumerate(TRAIN[:32])]))
-    (tmp_path / "edit.json").write_text(json.dumps([record(100 + i, c) for i, c in enumerate(HELD_OUT)]))
+    (tmp_path / "train.json").write_text(json.dumps(counterfact_records(TRAIN[:32])))
+    (tmp_path / "edit.json").write_text(json.dumps(counterfact_records(HELD_OUT, first_id=100)))
     hparams = {
         **HP,
         "n_epochs": 1,

@@ -61,11 +61,12 @@ def nll(model, tok, cases=CASES) -> torch.Tensor:
     return target_nll(model, tok, _examples(tok, cases, TEMPLATE, terminator=False))
 
 
-def counterfact_records(cases) -> list[dict]:
-    """``cases`` as records of a flattened CounterFact file (what a run config's ``data_path`` reads)."""
+def counterfact_records(cases, first_id: int = 0) -> list[dict]:
+    """``cases`` as records of a flattened CounterFact file (what a run config's ``data_path`` reads), with
+    case ids from ``first_id``."""
     return [
         {
-            "case_id": i,
+            "case_id": first_id + i,
             "prompt": c.prompt,
             "subject": c.subject,
             "target_new": c.target_new,
