@@ -3,7 +3,12 @@
 Each size runs in a fresh subprocess (peak RSS = ``ru_maxrss``); prints time, peak memory, the growth
 above the loaded model, and the 2,000/500 ratios. Memory should be flat in the number of samples.
 
-    python benchmarks/layer_stats_memory.py [--layer 3] [--corpus FILE] [--sizes 500 2000]
+    python benchmarks/layer_stats_memory.py [--layer 3] [--corpus FILE] [--sizes 500 2000] [--max-length 256]
+
+The reference hparams' statistics (issue 17: all of WikiText-2 test, no paragraph cut):
+
+    python benchmarks/layer_stats_memory.py --layer 7 --max-length 1024 --sizes 500 2185 \
+        --corpus ../shared/data/corpus/wikitext-2-raw-test.txt
 
 The corpus defaults to text from ../shared/data (UnKE long answers, GSM8K and MMLU questions) when present,
 else to windows of the package's shipped text.
@@ -25,11 +30,11 @@ import json, resource, sys, time, torch
 from meg_harness.baselines.params import StatsHParams
 from meg_harness.baselines.stats import layer_second_moments
 from meg_harness.models import load_model
-corpus, layer, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+corpus, layer, n, threads, length = sys.argv[1], *map(int, sys.argv[2:6])
 torch.set_num_threads(threads)
 model, tok = load_model("smollm2-135m")
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-hp = StatsHParams(mom2_dataset=corpus, mom2_n_samples=n, mom2_max_length=256, mom2_batch_size=16)
+hp = StatsHParams(mom2_dataset=corpus, mom2_n_samples=n, mom2_max_length=length, mom2_batch_size=16)
 start = time.perf_counter()
 stat = layer_second_moments(model, tok, [layer], hp, use_cache=False, progress=False)[layer]
 seconds = time.perf_counter() - start
@@ -62,15 +67,20 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=None)
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 2000])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per sample at most")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         corpus = args.corpus or build_corpus(Path(tmp) / "corpus.txt")
         rows = []
         for n in args.sizes:
-            cmd = [sys.executable, "-c", CHILD, str(corpus), str(args.layer), str(n), str(args.threads)]
+            numbers = (args.layer, n, args.threads, args.max_length)
+            cmd = [sys.executable, "-c", CHILD, str(corpus), *map(str, numbers)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"SmolLM2-135M layer {args.layer} (down_proj input, 1536 dims), max length 256, batch 16")
+    print(
+        f"SmolLM2-135M layer {args.layer} (down_proj input, 1536 dims), "
+        f"max length {args.max_length}, batch 16"
+    )
     print(f"{'samples':>8} {'tokens':>8} {'time s':>8} {'peak RSS MB':>12} {'growth MB':>10}")
     for r in rows:
         cells = (

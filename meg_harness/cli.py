@@ -26,12 +26,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The hparams keys (dotted) whose value in the demo config is the name of a file shipped beside it.
+DEMO_FILE_KEYS = {"meg": ("encoder.pairs",), "malmen": ("train_path",)}
+
+
 def demo_config(model: str, methods: Sequence[str], scales: Sequence[int] | None = None):
-    """The demo's run config (``data/demo/demo-smollm2-135m.yaml``) for ``methods`` (and ``scales``)."""
+    """The demo's run config (``data/demo/demo-smollm2-135m.yaml``) for ``methods`` (and ``scales``): each
+    method's ``base:`` made a path under :func:`~meg_harness.shipped.hparams_root` (the checkout's or the
+    installed copy, whatever the working directory) and its :data:`DEMO_FILE_KEYS` files under the demo
+    folder."""
     import yaml
 
     from meg_harness.config import parse_config
     from meg_harness.data import demo_path
+    from meg_harness.shipped import hparams_root
 
     source = resources.files("meg_harness") / "data" / "demo" / DEMO_CONFIG
     data = yaml.safe_load(source.read_text(encoding="utf-8"))
@@ -45,8 +53,15 @@ def demo_config(model: str, methods: Sequence[str], scales: Sequence[int] | None
     data["hparams"] = {m: h for m, h in data["hparams"].items() if m in methods}
     if scales:
         data["n_edits"] = list(scales) if len(scales) > 1 else scales[0]
-    if "malmen" in data["hparams"]:
-        data["hparams"]["malmen"]["train_path"] = str(demo_path("counterfact"))
+    folder = demo_path("counterfact").parent
+    for method, hparams in data["hparams"].items():
+        hparams["base"] = str(hparams_root() / hparams["base"])
+        for key in DEMO_FILE_KEYS.get(method, ()):
+            *sections, name = key.split(".")
+            section = hparams
+            for part in sections:
+                section = section[part]
+            section[name] = str(folder / section[name])
     return parse_config(data, str(source))
 
 
@@ -219,7 +234,10 @@ def _cmd_tasks_path(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meg-harness", description=__doc__)
+    # `python -m meg_harness.cli` names itself so; the console script is `meg-harness`
+    module_run = Path(sys.argv[0]).name == "cli.py" if sys.argv else False
+    prog = "python -m meg_harness.cli" if module_run else "meg-harness"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="the main job on the embedded default (CPU, minutes)")

@@ -3,7 +3,9 @@
 One module below :mod:`meg_harness.editing`, :mod:`meg_harness.evaluate` and the methods, so that every one
 of them wraps, tokenises and reads answers the same way:
 
-- :class:`QueryTemplate` / :func:`get_template`: how a question is wrapped before it reaches the model;
+- :class:`QueryTemplate` / :func:`get_template`: how a question is wrapped before it reaches the model (the
+  short-answer templates of the editing protocol, and a long-answer form of each for UnKEBench:
+  :func:`long_answer_template`);
 - :func:`encode_query`, :func:`encode_target`, :func:`encode_answer`: the token ids that are scored and
   trained toward; :func:`context_length`: how many tokens the model takes;
 - :func:`cut_answer` / :func:`normalize_answer`: where a generated answer ends and the form AG compares.
@@ -18,6 +20,9 @@ from meg_harness.errors import HarnessError
 SHORT_ANSWER = "Answer the following question in less than 5 words. {}"
 ANSWER_CUTS = ("\n", "\\")
 MAX_NEW_TOKENS = 20  # the most tokens a greedy answer may have (scoring, collection, the lm-eval tasks)
+LONG_MAX_NEW_TOKENS = 256  # long answers (UnKEBench: ~100 tokens each): greedy until EOS or this many
+LONG_ANSWER_CUTS = ("\n\n",)  # a long answer is one paragraph: it ends at a blank line (or EOS)
+LONG_SUFFIX = "_long"  # the long-answer form of a named template: "chatml" -> "chatml_long"
 
 
 # -- query templates ----------------------------------------------------------------------------------------
@@ -51,8 +56,28 @@ TEMPLATES: dict[str, QueryTemplate] = {
         QueryTemplate("chatml", "<|im_start|>user\n" + SHORT_ANSWER + "<|im_end|>\n<|im_start|>assistant\n"),
         # No wrapping: the prompt is scored as it is (ROME-style cloze prompts).
         QueryTemplate("plain", "{}"),
+        # Long-answer forms (UnKEBench): the same markup without the "less than 5 words" instruction; an
+        # answer is a paragraph, ended by the chat turn's end (or a blank line without chat markup).
+        QueryTemplate("phi2" + LONG_SUFFIX, "Instruct: {}\nOutput:", terminator="\n\n"),
+        QueryTemplate("gptj" + LONG_SUFFIX, "Q: {}\nA:", terminator="\n\n"),
+        QueryTemplate(
+            "llama3" + LONG_SUFFIX,
+            "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+            terminator="<|eot_id|>",
+        ),
+        QueryTemplate(
+            "chatml" + LONG_SUFFIX,
+            "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+            terminator="<|im_end|>",
+        ),
     )
 }
+
+
+def long_answer_template(name: str) -> str:
+    """The long-answer form of the named short-answer template (``plain`` and custom texts stay as they are:
+    they carry no length instruction)."""
+    return name + LONG_SUFFIX if name + LONG_SUFFIX in TEMPLATES else name
 
 
 def get_template(name_or_text: str) -> QueryTemplate:
@@ -119,6 +144,13 @@ def cut_answer(text: str) -> str:
     for cut in ANSWER_CUTS:
         text = text.split(cut, 1)[0]
     return text
+
+
+def cut_long_answer(text: str) -> str:
+    """A long answer (UnKEBench): the generation up to the first blank line, stripped."""
+    for cut in LONG_ANSWER_CUTS:
+        text = text.split(cut, 1)[0]
+    return text.strip()
 
 
 def normalize_answer(text: str) -> str:

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from meg_harness.config import RunConfig, load_hparams
-from meg_harness.data import filter_unknown_facts, load_cases, select_cases
+from meg_harness.data import filter_unknown_facts, flatten_mquake_edits, load_cases, select_cases
 from meg_harness.data.edit_case import EditCase
 from meg_harness.editing.base import Edited
 from meg_harness.editing.registry import get_editor_class
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.evaluator import Evaluator
-from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
+from meg_harness.evaluate.evaluator import Evaluator, evaluator_for, long_answers
+from meg_harness.evaluate.protocol import metric_keys
 from meg_harness.evaluate.scoring import Probe, greedy_answers
 from meg_harness.lock import output_lock
 from meg_harness.models import get_adapter, load_model, model_fingerprint
@@ -118,11 +118,14 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
             raise HarnessError(f"model {config.model}: {error.reason}", field="model") from None
     for method, editor in editors.items():  # layer indices against the model's depth, files the hparams name
         _checked(lambda editor=editor: editor.preflight(model), method, sources[method], config_source)
-    with _in_config(config_source, "template"):
-        template = get_template(config.template or adapter.default_template(model, tokenizer))
+    with _in_config(config_source, "template"):  # UnKE: the family's long-answer template
+        default = adapter.default_template(model, tokenizer, long_answers=long_answers(config.dataset))
+        template = get_template(config.template or default)
     fingerprint = model_fingerprint(model)
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
-    evaluator = Evaluator(tokenizer, template, batch_size=config.batch_size, cache_dir=cache_dir)
+    evaluator = evaluator_for(
+        config.dataset, tokenizer, template, batch_size=config.batch_size, cache_dir=cache_dir
+    )
     unedited = Edited(model, tokenizer)
 
     cases_per_seed = {}
@@ -154,6 +157,7 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
                 evaluator,
                 labels,
                 target,
+                dataset=config.dataset,
                 record={
                     "method": method,
                     "seed": seed,
@@ -246,13 +250,19 @@ def load_run_edit(run_dir: Path, method: str, seed: int) -> Edited:
     return get_editor_class(method.partition("@")[0]).load(artifact, model, tokenizer)
 
 
+def edit_requests(dataset: str, cases: list[EditCase]) -> list[EditCase]:
+    """What a method is fitted on: MQuAKE's every single-hop rewrite of every case (one EditCase each), the
+    cases themselves otherwise."""
+    return flatten_mquake_edits(cases) if dataset == "mquake" else cases
+
+
 def _run_one(
-    editor, model, tokenizer, cases, template, evaluator, labels, target: Path, *, record, seed
+    editor, model, tokenizer, cases, template, evaluator, labels, target: Path, *, dataset, record, seed
 ) -> None:
     """Fit, score and save one method/seed; written to a temp folder, renamed into ``target`` at the end."""
     seed_everything(seed)
     started = time.perf_counter()
-    edited = editor.fit(model, tokenizer, cases, template)
+    edited = editor.fit(model, tokenizer, edit_requests(dataset, cases), template)
     fitted = time.perf_counter()
     try:
         metrics, items = evaluator.evaluate(edited, cases, labels)
@@ -265,6 +275,7 @@ def _run_one(
                 template,
                 labels,
                 model_fingerprint=record["model_fingerprint"],
+                max_new_tokens=evaluator.max_new_tokens,
             )
             write_items(staging, items)
             metrics["timings"]["fit_s"] = fitted - started
@@ -291,4 +302,5 @@ def _keep_unknown(
 
 
 def _headline(metrics: dict) -> str:
-    return " ".join(f"{k}={metrics[k]:.2f}" for k in ALL_METRIC_KEYS)
+    keys = metric_keys(metrics.get("config", {}).get("dataset"))
+    return " ".join(f"{k}={metrics[k]:.2f}" for k in keys if k in metrics)

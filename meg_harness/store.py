@@ -32,7 +32,7 @@ from meg_harness.cache import atomic_write_text, content_hash
 from meg_harness.config import RunConfig
 from meg_harness.data.edit_case import EditCase
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
+from meg_harness.evaluate.protocol import metric_keys
 from meg_harness.prompts import MAX_NEW_TOKENS, QueryTemplate
 from meg_harness.settings import BASE_KEY, flatten, with_base
 
@@ -104,7 +104,7 @@ def aggregate(method_dir: Path, seeds: list[int]) -> dict:
     per_seed = [json.loads((method_dir / f"seed{s}" / METRICS).read_text()) for s in seeds]
     first = per_seed[0]
     averaged: dict[str, Any] = {}
-    for key in ALL_METRIC_KEYS:
+    for key in metric_keys(first.get("config", {}).get("dataset")):
         values = [m[key] for m in per_seed]
         averaged[key] = math.fsum(values) / len(values)
         if len(values) > 1:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from meg_harness.budget import TrainingStopped, WallClock
+from meg_harness.cli import demo_config
+from meg_harness.config import load_hparams
 from meg_harness.meg.diffusion import DiffusionConfig
 from meg_harness.meg.generator import GeneratorConfig, build_generator
 from meg_harness.meg.train_generator import TrainConfig, train_generator
@@ -72,8 +72,8 @@ def test_wall_clock_predicts_the_next_step(monkeypatch):
 
 
 def _demo_malmen() -> dict:
-    source = resources.files("meg_harness") / "data" / "demo" / "demo-smollm2-135m.yaml"
-    return yaml.safe_load(source.read_text(encoding="utf-8"))["hparams"]["malmen"]
+    """MALMEN's hparams in the demo: its repository file with the demo's overrides."""
+    return load_hparams(demo_config("smollm2-135m", ["malmen"]).hparams["malmen"], "malmen", "demo")
 
 
 def test_shipped_configs_budget_training_in_steps():

@@ -158,6 +158,17 @@ def test_hook_prints_one_line_with_exit_2_and_leaves_other_errors_alone():
     assert other.returncode == 1 and "Traceback" in other.stderr and "ValueError: a bug" in other.stderr
 
 
+def _cases_file(folder: Path) -> Path:
+    """A valid cases file for counterfact_ke (the task arguments pass their check before loading)."""
+    from meg_harness.data import load_cases
+    from meg_harness.prompts import get_template
+    from meg_harness.store import write_cases_file
+
+    chosen = load_cases("counterfact", None)[:2]
+    labels = {p.prompt: ("x", [1]) for case in chosen for p in case.locality}
+    return write_cases_file(folder / "cases.json", "counterfact", chosen, get_template("gptj"), labels)
+
+
 def _lm_eval(model: str, model_args: str, cwd: Path) -> subprocess.CompletedProcess:
     lm_eval = _command("lm_eval")
     if lm_eval is None or not PTH.is_file():
@@ -165,6 +176,7 @@ def _lm_eval(model: str, model_args: str, cwd: Path) -> subprocess.CompletedProc
     command = [
         lm_eval, "--model", model, "--model_args", model_args, "--tasks", "counterfact_ke",
         "--include_path", str(TASKS_PATH), "--device", "cpu", "--batch_size", "2",
+        "--metadata", f"cases={_cases_file(cwd)}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)

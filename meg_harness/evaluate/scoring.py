@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from meg_harness.editing.base import Edited
@@ -48,15 +49,29 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _progress(batches: list[list[int]], label: str | None) -> Iterator[list[int]]:
+    """The batches, with a progress bar counting items when ``label`` is given."""
+    if label is None:
+        yield from batches
+        return
+    with tqdm(total=sum(map(len, batches)), desc=label, leave=False) as bar:
+        for batch in batches:
+            yield batch
+            bar.update(len(batch))
+
+
 @torch.no_grad()
-def teacher_forced_accuracy(edited: Edited, probes: Sequence[Probe], batch_size: int = 16) -> list[float]:
+def teacher_forced_accuracy(
+    edited: Edited, probes: Sequence[Probe], batch_size: int = 16, progress: str | None = None
+) -> list[float]:
     """Per probe: the fraction of target tokens that are the argmax at the previous position, from ONE
-    forward pass over ``query + target`` (right-padded batch)."""
+    forward pass over ``query + target`` (right-padded batch). ``progress``: a progress bar's label."""
     model, pad_id = edited.model, edited.tokenizer.pad_token_id
     device = _device(model)
     sequences = [p.query_ids + p.target_ids for p in probes]
     scores = [0.0] * len(probes)
-    for batch in _batches(_longest_first([len(s) for s in sequences]), batch_size):
+    batches = list(_batches(_longest_first([len(s) for s in sequences]), batch_size))
+    for batch in _progress(batches, progress):
         width = max(len(sequences[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -76,12 +91,12 @@ def teacher_forced_accuracy(edited: Edited, probes: Sequence[Probe], batch_size:
 class _AnswerComplete(StoppingCriteria):
     """Stop each row once its generated text contains an answer cut (newline or backslash)."""
 
-    def __init__(self, tokenizer, prompt_width: int) -> None:
-        self.tokenizer, self.prompt_width = tokenizer, prompt_width
+    def __init__(self, tokenizer, prompt_width: int, cuts: Sequence[str] = ANSWER_CUTS) -> None:
+        self.tokenizer, self.prompt_width, self.cuts = tokenizer, prompt_width, tuple(cuts)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
-        return torch.tensor([any(c in t for c in ANSWER_CUTS) for t in texts], device=input_ids.device)
+        return torch.tensor([any(c in t for c in self.cuts) for t in texts], device=input_ids.device)
 
 
 def _greedy_config(model, pad_id: int, max_new_tokens: int) -> GenerationConfig:
@@ -92,16 +107,17 @@ def _greedy_config(model, pad_id: int, max_new_tokens: int) -> GenerationConfig:
     )
 
 
-def _answer_ids(tokenizer, generated: Sequence[int]) -> tuple[int, ...]:
+def _answer_ids(tokenizer, generated: Sequence[int], cuts: Sequence[str] = ANSWER_CUTS) -> tuple[int, ...]:
     """Generated tokens strictly before the one that ends the answer (a cut character or EOS)."""
     stop_ids = set(tokenizer.all_special_ids)
     kept: list[int] = []
     for token in generated:
         if token in stop_ids:
             break
-        text = tokenizer.decode([*kept, token], skip_special_tokens=True)
-        if any(c in text for c in ANSWER_CUTS):
-            break
+        if cuts:
+            text = tokenizer.decode([*kept, token], skip_special_tokens=True)
+            if any(c in text for c in cuts):
+                break
         kept.append(token)
     return tuple(kept) if kept else tuple(generated[:1])
 
@@ -112,12 +128,16 @@ def greedy_answers(
     probes: Sequence[Probe],
     batch_size: int = 16,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    cuts: Sequence[str] = ANSWER_CUTS,
+    progress: str | None = None,
 ) -> list[Generation]:
-    """Greedy decoding of at most ``max_new_tokens`` from each query (left-padded batches)."""
+    """Greedy decoding of at most ``max_new_tokens`` from each query (left-padded batches); a row stops at
+    EOS or once its text contains one of ``cuts``. ``progress``: a progress bar's label."""
     model, tokenizer = edited.model, edited.tokenizer
     device, pad_id = _device(model), tokenizer.pad_token_id
     results: list[Generation | None] = [None] * len(probes)
-    for batch in _batches(_longest_first([len(p.query_ids) for p in probes]), batch_size):
+    batches = list(_batches(_longest_first([len(p.query_ids) for p in probes]), batch_size))
+    for batch in _progress(batches, progress):
         width = max(len(probes[i].query_ids) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -130,10 +150,12 @@ def greedy_answers(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
                 generation_config=_greedy_config(model, pad_id, max_new_tokens),
-                stopping_criteria=StoppingCriteriaList([_AnswerComplete(tokenizer, width)]),
+                stopping_criteria=StoppingCriteriaList(
+                    [_AnswerComplete(tokenizer, width, cuts)] if cuts else []
+                ),
             )
         for row, i in enumerate(batch):
             generated = output[row, width:].tolist()
             text = tokenizer.decode(generated, skip_special_tokens=True)
-            results[i] = Generation(text, _answer_ids(tokenizer, generated))
+            results[i] = Generation(text, _answer_ids(tokenizer, generated, cuts))
     return results  # type: ignore[return-value]

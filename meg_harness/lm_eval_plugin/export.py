@@ -40,7 +40,7 @@ def export_cases(
     """Select cases like ``meg-harness run``, compute the unedited model's locality answers, write them."""
     from meg_harness.data import load_cases, select_cases
     from meg_harness.editing.base import Edited
-    from meg_harness.evaluate.evaluator import Evaluator
+    from meg_harness.evaluate.evaluator import evaluator_for, long_answers
     from meg_harness.models import get_adapter, load_model, model_fingerprint
     from meg_harness.prompts import get_template
 
@@ -48,8 +48,9 @@ def export_cases(
         load_cases(dataset, data_path, zsre_target=zsre_target), n_edits, seed, index_range, one_per_subject
     )
     lm, tokenizer = load_model(model, dtype=dtype, device=device)
-    query = get_template(template or get_adapter(lm).default_template(lm, tokenizer))
-    evaluator = Evaluator(tokenizer, query, batch_size=batch_size)
+    family = get_adapter(lm).default_template(lm, tokenizer, long_answers=long_answers(dataset))
+    query = get_template(template or family)
+    evaluator = evaluator_for(dataset, tokenizer, query, batch_size=batch_size)
     evaluator.check_inputs(lm, cases)
     fingerprint = model_fingerprint(lm)
     labels = evaluator.locality_labels(Edited(lm, tokenizer), cases, fingerprint)
@@ -65,7 +66,9 @@ def export_cases(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {__name__}", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m meg_harness.lm_eval_plugin.export", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("out", help="the JSON file to write")
     parser.add_argument("--model", required=True, help="model path, hub id or alias (the UNEDITED model)")
     parser.add_argument("--dataset", required=True, help="zsre | counterfact | mquake | unke")
@@ -73,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-edits", type=int, help="sample size (default: all selected cases)")
     parser.add_argument("--range", nargs=2, type=int, metavar=("START", "END"), help="file index range")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--template", help="query template name or text (default: the model family's)")
+    parser.add_argument(
+        "--template", help="query template name or text (default: the model family's; unke: its long form)"
+    )
     parser.add_argument("--zsre-target", default="answers")
     parser.add_argument("--all-subjects", action="store_true", help="keep several cases per subject")
     parser.add_argument("--device", default="cpu")

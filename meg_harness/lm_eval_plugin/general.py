@@ -1,4 +1,5 @@
-"""General benchmarks with the paper's prompts (Table 23; BBH and MMLU as in chain-of-thought-hub).
+"""General benchmarks: the paper's prompts (Table 23; BBH and MMLU as in chain-of-thought-hub), scored on
+generated text, and lm-eval's standard loglikelihood formulation of MMLU, RTE and SST-2.
 
 Every task's ``custom_dataset`` is :func:`load_general`: ``source: hub`` reads the benchmark from the
 Hugging Face hub (the datasets lm-eval's built-in tasks use), ``source: local`` reads the same data from a
@@ -7,8 +8,14 @@ folder laid out like ``../shared/data/general`` (``mmlu.json``, ``sst2.json``, `
 variable ``MEG_HARNESS_GENERAL_DATA``, else ``../shared/data/general`` relative to the working directory.
 Prompt style (metadata ``prompt_style``): ``gptj`` (default) or ``phi2``, the two columns of Table 23.
 
-Each document carries its full prompt (``prompt``) and gold answer (``gold``); ``process_results``
-functions score the generated text the way the reference code does.
+Paper-prompt (generation) tasks ``<bench>_meg[_local]``: each document carries its full prompt (``prompt``)
+and gold answer (``gold``); ``process_results`` functions read the answer from the generated text (the
+first label word or letter, case-insensitive, after chat-template markup is removed: see
+:func:`clean_generation`), so that they also work with ``--apply_chat_template``.
+
+Loglikelihood tasks ``<bench>_mc[_local]`` (:func:`load_general_mc`): the records as lm-eval's own ``mmlu``,
+``rte`` and ``sst2`` tasks read them; their YAMLs hold lm-eval's prompts and choices (``output_type:
+multiple_choice``), so a model is scored on which answer it finds likeliest, not on what it writes.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from lm_eval.api.task import ConfigurableTask
 
 from meg_harness.errors import HarnessError
 
@@ -45,6 +54,16 @@ PROMPTS: dict[str, dict[str, str]] = {
     ),
 }
 LABEL_WORDS = {"sst2": ("negative", "positive"), "rte": ("true", "false")}  # index = dataset label
+# Words read as a label word: RTE's question is "... True or False?", which models often answer yes/no.
+LABEL_SYNONYMS = {"true": ("yes",), "false": ("no",)}
+MC_BENCHMARKS = ("mmlu", "rte", "sst2")
+LOCAL_FILES = {  # what each benchmark reads from the local folder
+    "mmlu": "mmlu.json",
+    "sst2": "sst2.json",
+    "rte": "rte.json",
+    "gsm8k": "gsm8k_test.jsonl",
+    "bbh": "bbh",
+}  # those with a loglikelihood (multiple_choice) variant
 
 # chain-of-thought-hub BBH: answer extraction mode per task.
 BBH_MULTIPLE_CHOICE = (
@@ -61,6 +80,9 @@ BBH_FREE_FORM = (
 BBH_TASKS = tuple(sorted(BBH_MULTIPLE_CHOICE + BBH_FREE_FORM))
 MMLU_SHOTS = 5
 MMLU_LETTERS = "ABCD"
+# With --apply_chat_template an instruct model answers in a sentence ("The answer is ..."): the short-answer
+# tasks then read up to this many tokens instead of the reference code's 1 (MMLU) or 3 (SST-2, RTE).
+CHAT_MAX_GEN_TOKS = {"mmlu": 16, "rte": 16, "sst2": 16}
 
 
 # -- data -------------------------------------------------------------------------------------------------
@@ -92,7 +114,7 @@ def _hub(path: str, name: str | None, split: str) -> list[dict[str, Any]]:
     return [dict(row) for row in datasets.load_dataset(path, name, split=split)]
 
 
-def _records(benchmark: str, source: str, metadata: dict[str, Any]) -> Any:
+def _records(benchmark: str, source: str, metadata: dict[str, Any], *, shots: bool = True) -> Any:
     local = source == "local"
     root = general_data_dir(metadata) if local else None
     if benchmark in ("sst2", "rte"):
@@ -104,7 +126,7 @@ def _records(benchmark: str, source: str, metadata: dict[str, Any]) -> Any:
     if benchmark == "mmlu":
         if local:
             return _read_json(root / "mmlu.json"), None
-        return _hub("cais/mmlu", "all", "test"), _hub("cais/mmlu", "all", "dev")
+        return _hub("cais/mmlu", "all", "test"), _hub("cais/mmlu", "all", "dev") if shots else None
     if benchmark == "bbh":
         tasks = {}
         for task in BBH_TASKS:
@@ -116,12 +138,44 @@ def _records(benchmark: str, source: str, metadata: dict[str, Any]) -> Any:
     raise HarnessError(f"unknown general benchmark {benchmark!r}", field="benchmark")
 
 
-def load_general(benchmark: str, source: str = "local", **metadata: Any) -> dict[str, Any]:
-    """``custom_dataset`` of the general tasks: ``{"test": Dataset}`` of ``{prompt, gold, ...}`` docs."""
-    import datasets
+def check_general_metadata(
+    metadata: dict[str, Any], benchmark: str | None = None, source: str = "local"
+) -> None:
+    """The metadata a general task reads (``prompt_style``; for the local variants ``general_data`` and the
+    benchmark's file in it), checked without reading any benchmark: a HarnessError naming the key."""
+    _check_source(source)
+    style = str(metadata.get("prompt_style") or "gptj")
+    if style not in STYLES:
+        raise HarnessError(f"prompt_style must be one of {STYLES}, got {style!r}", field="prompt_style")
+    if source != "local":
+        return
+    folder = general_data_dir(metadata)
+    if not folder.is_dir():
+        raise HarnessError(
+            f"the local general-benchmark folder does not exist; set --metadata general_data=DIR or "
+            f"{GENERAL_DATA_ENV}",
+            file=folder,
+            field="general_data",
+        )
+    name = LOCAL_FILES.get(str(benchmark))
+    if name is not None and not (folder / name).exists():
+        raise HarnessError(
+            f"no {benchmark} data in the local general-benchmark folder (--metadata general_data=DIR)",
+            file=folder / name,
+            field="general_data",
+        )
 
+
+def _check_source(source: str) -> None:
     if source not in ("local", "hub"):
         raise HarnessError(f"source must be local or hub, got {source!r}", field="source")
+
+
+def load_general(benchmark: str, source: str = "local", **metadata: Any) -> dict[str, Any]:
+    """``custom_dataset`` of the paper-prompt tasks: ``{"test": Dataset}`` of ``{prompt, gold, ...}`` docs."""
+    import datasets
+
+    _check_source(source)
     style = str(metadata.get("prompt_style") or "gptj")
     if style not in STYLES:
         raise HarnessError(f"prompt_style must be one of {STYLES}, got {style!r}", field="prompt_style")
@@ -135,6 +189,32 @@ def load_general(benchmark: str, source: str = "local", **metadata: Any) -> dict
     }
     docs = builders[benchmark](benchmark, records, style)
     return {"test": datasets.Dataset.from_list(docs)}
+
+
+def load_general_mc(benchmark: str, source: str = "local", **metadata: Any) -> dict[str, Any]:
+    """``custom_dataset`` of the loglikelihood tasks ``<bench>_mc[_local]``: ``{"test": Dataset}`` of the
+    records as lm-eval's own tasks read them (GLUE ``{sentence[1/2], label}``; MMLU ``{question, choices,
+    answer, subject}`` plus ``description``, the header lm-eval's per-subject ``mmlu_*`` tasks put first)."""
+    import datasets
+
+    _check_source(source)
+    if benchmark not in MC_BENCHMARKS:
+        raise HarnessError(
+            f"no loglikelihood variant of {benchmark!r}; one of {MC_BENCHMARKS}", field="benchmark"
+        )
+    records = _records(benchmark, source, metadata, shots=False)
+    if benchmark == "mmlu":
+        docs = [{**row, "description": mmlu_description(row["subject"])} for row in records[0]]
+    else:
+        docs = [dict(row) for row in records]
+    return {"test": datasets.Dataset.from_list(docs)}
+
+
+def mmlu_description(subject: str) -> str:
+    """lm-eval's description of its ``mmlu_<subject>`` tasks (one space per underscore)."""
+    return (
+        f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    )
 
 
 def _glue_docs(benchmark: str, records: Sequence[dict], style: str) -> list[dict[str, Any]]:
@@ -216,16 +296,41 @@ def _bbh_docs(benchmark: str, records: dict[str, list[dict]], style: str) -> lis
 
 
 # -- scoring ----------------------------------------------------------------------------------------------
-def label_word(text: str, words: Sequence[str]) -> str | None:
-    """The first of ``words`` that the generated text contains (case-insensitive), else None."""
-    lower = text.lower()
-    found = [(lower.find(w), w) for w in words if w in lower]
-    return min(found)[1] if found else None
+_MARKUP = re.compile(r"<\|[^|<>]*\|>|</?s>|\[/?INST\]")  # <|im_end|>, <|eot_id|>, <s>, [INST] ...
+_ROLE = re.compile(r"^\s*(?:assistant|user|system|model)\s*(?:\n|:)", re.IGNORECASE)
+
+
+def clean_generation(text: str) -> str:
+    """A generation without chat-template markup: special-token texts removed, a role name left at its
+    start (``assistant\\n``) dropped, surrounding whitespace stripped."""
+    text = _MARKUP.sub(" ", text)
+    while True:
+        stripped = _ROLE.sub("", text, count=1)
+        if stripped == text:
+            return text.strip()
+        text = stripped
+
+
+def label_word(
+    text: str, words: Sequence[str], synonyms: dict[str, Sequence[str]] | None = None
+) -> str | None:
+    """The label word (one of ``words``) that occurs first in the generated text, as a whole word,
+    case-insensitive, after :func:`clean_generation`; a word of ``synonyms[label]`` counts as ``label``.
+    None when there is none."""
+    lower = clean_generation(text).lower()
+    best: tuple[int, str] | None = None
+    for label in words:
+        for word in (label, *(synonyms or {}).get(label, ())):
+            match = re.search(rf"(?<![a-z]){re.escape(word)}(?![a-z])", lower)
+            if match and (best is None or match.start() < best[0]):
+                best = (match.start(), label)
+    return best[1] if best else None
 
 
 def process_glue(doc: dict, results: Sequence[str]) -> dict[str, float]:
+    """SST-2 / RTE: the first label word of the answer (RTE: ``yes``/``no`` read as true/false)."""
     words = LABEL_WORDS["sst2"] if doc["gold"] in LABEL_WORDS["sst2"] else LABEL_WORDS["rte"]
-    return {"acc": float(label_word(results[0], words) == doc["gold"])}
+    return {"acc": float(label_word(results[0], words, LABEL_SYNONYMS) == doc["gold"])}
 
 
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
@@ -249,9 +354,20 @@ def process_gsm8k(doc: dict, results: Sequence[str]) -> dict[str, float]:
     return {"exact_match": float(hit)}
 
 
+_LETTER = re.compile(r"(?<![A-Za-z])([ABCD])(?![A-Za-z])")
+
+
+def mmlu_letter(text: str) -> str | None:
+    """The first standalone letter A-D of a generation (``" B"``, ``"(C)"``, ``"D."``, ``"assistant\\nA"``)
+    after :func:`clean_generation`; None when there is none. chain-of-thought-hub reads the last character
+    of prompt + one greedy token, which is the same letter whenever that token is one."""
+    match = _LETTER.search(clean_generation(text))
+    return match.group(1) if match else None
+
+
 def process_mmlu(doc: dict, results: Sequence[str]) -> dict[str, Any]:
-    """chain-of-thought-hub: one greedy token; the answer is the last character of prompt + generation."""
-    hit = float((doc["prompt"] + results[0])[-1:] == doc["gold"])
+    """chain-of-thought-hub's MMLU (one greedy token), the letter read by :func:`mmlu_letter`."""
+    hit = float(mmlu_letter(results[0]) == doc["gold"])
     return {"acc": hit, "acc_macro": (doc["subject"], hit)}
 
 
@@ -274,6 +390,24 @@ def process_bbh(doc: dict, results: Sequence[str]) -> dict[str, Any]:
     predicted = bbh_extract(results[0], doc["subject"] in BBH_MULTIPLE_CHOICE)
     hit = float(predicted == doc["gold"])
     return {"exact_match": hit, "exact_match_macro": (doc["subject"], hit)}
+
+
+class PaperPromptTask(ConfigurableTask):
+    """The paper-prompt tasks: lm-eval's ConfigurableTask, with :data:`CHAT_MAX_GEN_TOKS` new tokens for
+    the short-answer benchmarks when lm-eval applies a chat template."""
+
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        super().__init__(config={k: v for k, v in (config or {}).items() if k != "class"})
+
+    def construct_requests(self, doc: dict, ctx: Any, **kwargs: Any) -> Any:
+        chat = bool(kwargs.get("apply_chat_template"))
+        requests = super().construct_requests(doc, ctx, **kwargs)
+        longer = CHAT_MAX_GEN_TOKS.get(str((self.config.dataset_kwargs or {}).get("benchmark")))
+        if chat and longer:
+            for request in requests if isinstance(requests, list) else [requests]:
+                generation = request.arguments[1]
+                generation["max_gen_toks"] = max(int(generation.get("max_gen_toks") or 0), longer)
+        return requests
 
 
 def macro_mean(items: Sequence[tuple[str, float]]) -> float:

@@ -24,6 +24,7 @@ from meg_harness.errors import HarnessError
 from meg_harness.evaluate.evaluator import probe_specs
 from meg_harness.evaluate.protocol import ag_match, summarize
 from meg_harness.lm_eval_plugin.probes import PROBE_KEY, probe_of, tf_value
+from meg_harness.prompts import LONG_ANSWER_CUTS, LONG_MAX_NEW_TOKENS, MAX_NEW_TOKENS
 from meg_harness.store import CASES_FILE, CasesFile, read_cases_file
 
 KIND_NAMES = {"edit": "reliability", "rephrase": "generality", "locality": "locality"}
@@ -41,37 +42,75 @@ def find_cases_file(metadata: dict[str, Any]) -> Path | None:
     return None
 
 
-def load_source(dataset: str, metadata: dict[str, Any], *, needs_labels: bool) -> CasesFile:
+def load_source(
+    dataset: str, metadata: dict[str, Any], *, needs_labels: bool, long_answers: bool = False
+) -> CasesFile:
     """The cases of a task: a cases file (:func:`find_cases_file`), or, for tasks without locality probes,
-    ``data_path`` (a data file; all its cases) with the query template from ``template``."""
+    ``data_path`` (a data file; all its cases) with the query template from ``template``, by default the
+    model family's (of the ``pretrained`` model arg; its long-answer form with ``long_answers``).
+
+    Reads no model weights: :mod:`meg_harness.lm_eval_plugin.preflight` calls it before the model loads."""
     task = f"{dataset}_ke"
     path = find_cases_file(metadata)
+    if path is not None and not metadata.get("cases") and not needs_labels and metadata.get("data_path"):
+        path = None  # an explicit data_path= wins over the cases file inside the artifact folder
     if path is not None:
+        if not path.is_file():
+            raise HarnessError("the cases file does not exist", file=path, field="cases")
         source = read_cases_file(path)
         if source.dataset != dataset:
-            raise HarnessError(f"task {task} got a cases file of dataset {source.dataset!r}", file=path)
+            hint = "" if needs_labels else f" or `--metadata data_path=FILE` of {dataset} data"
+            raise HarnessError(
+                f"task {task} got a cases file of dataset {source.dataset!r}: pass `--metadata "
+                f"cases=FILE` of dataset {dataset}{hint}",
+                file=path,
+            )
         return source
     if not needs_labels and metadata.get("data_path"):
         from meg_harness.data import load_cases
         from meg_harness.prompts import get_template
 
-        if not metadata.get("template"):
-            raise HarnessError(f"task {task} with data_path= needs template= (a name or a text with {{}})")
-        cases = load_cases(dataset, str(metadata["data_path"]))
-        return CasesFile(dataset, get_template(str(metadata["template"])), cases, {})
+        data_path = str(metadata["data_path"])
+        if "://" not in data_path and data_path != "download" and not Path(data_path).expanduser().is_file():
+            raise HarnessError(
+                f"task {task}: the data file does not exist", file=data_path, field="data_path"
+            )
+        template = get_template(
+            str(metadata.get("template") or _family_template(task, metadata, long_answers))
+        )
+        cases = load_cases(dataset, data_path)
+        return CasesFile(
+            dataset, template, cases, {}, LONG_MAX_NEW_TOKENS if long_answers else MAX_NEW_TOKENS
+        )
     what = "the edit cases and the unedited model's locality answers" if needs_labels else "its cases"
     raise HarnessError(
         f"task {task} needs {what}: pass `--metadata cases=FILE` (write FILE with `python -m "
         f"meg_harness.lm_eval_plugin.export`)"
-        + ("" if needs_labels else ", or `data_path=FILE template=NAME`")
+        + ("" if needs_labels else " or `--metadata data_path=FILE` [template=NAME]")
         + f", or an artifact folder (meg_path=/delta=) that contains {CASES_FILE}",
         field="cases",
     )
 
 
+def _family_template(task: str, metadata: dict[str, Any], long_answers: bool) -> str:
+    """The default query template of the ``pretrained`` model's family (no weights are loaded)."""
+    from meg_harness.models.loading import default_template_of
+
+    pretrained = metadata.get("pretrained")
+    if not isinstance(pretrained, str) or not pretrained:
+        raise HarnessError(
+            f"task {task} with data_path= needs template=NAME (there is no pretrained= model arg to take "
+            "the model family's default from)",
+            field="template",
+        )
+    return default_template_of(pretrained, long_answers=long_answers, cache_dir=metadata.get("cache_dir"))
+
+
 def probe_doc(case_id: str, kind: str, question: str, target: str, source: CasesFile, **extra: Any) -> dict:
-    """A short-answer probe document (see :mod:`meg_harness.lm_eval_plugin.probes`)."""
+    """A probe document (see :mod:`meg_harness.lm_eval_plugin.probes`): a short answer, or with
+    ``long=True`` a long one (up to the source's ``max_new_tokens``, cut at a blank line)."""
     target_ids = list(extra.pop("target_ids", []))
+    long = bool(extra.pop("long", False))
     return {
         "case_id": case_id,
         "query": source.template.format(question),
@@ -84,6 +123,7 @@ def probe_doc(case_id: str, kind: str, question: str, target: str, source: Cases
             "target": target,
             "target_ids": target_ids,
             "max_new_tokens": source.max_new_tokens,
+            "long": long,
         },
     }
 
@@ -153,10 +193,12 @@ class ProbeTask(ConfigurableTask):
 
     @staticmethod
     def answer_request(doc: dict, index: int, kwargs: dict) -> Instance:
-        """A greedy short answer (the native path: <= max_new_tokens, cut at newline or backslash)."""
+        """A greedy answer by the native path: <= max_new_tokens, cut at newline or backslash (a long answer:
+        at a blank line)."""
+        probe = probe_of(doc)
         generation = {
-            "until": ANSWER_STOPS,
-            "max_gen_toks": probe_of(doc)["max_new_tokens"],
+            "until": list(LONG_ANSWER_CUTS if probe.get("long") else ANSWER_STOPS),
+            "max_gen_toks": probe["max_new_tokens"],
             "do_sample": False,
         }
         return ProbeTask.request("generate_until", doc, (doc["query"], generation), index, kwargs)

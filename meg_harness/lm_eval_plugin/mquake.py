@@ -1,60 +1,44 @@
 """The MQuAKE lm-eval task (``mquake_ke``): edit-wise, instance-wise and multi-hop accuracy.
 
 One short-answer probe document per single-hop rewrite question (answered with its ``target_new``) and per
-multi-hop question (answered with ``new_answer`` or one of its aliases), all run by the native greedy
-decoding and compared as AG compares. Per case: instance-wise = every rewrite answered; multi-hop = any
-of its multi-hop questions answered. Cases from ``--metadata cases=FILE`` (an export of dataset mquake)
-or ``data_path=MQuAKE.json template=NAME``.
+multi-hop question (answered with ``new_answer`` or one of its aliases), in the order of the native
+:func:`~meg_harness.evaluate.evaluator.mquake_probe_specs`, all run by the native greedy decoding and
+compared as AG compares; the metrics are the native :class:`~meg_harness.evaluate.evaluator.MQuAKEEvaluator`'s
+(as fractions). Per case: instance-wise = every rewrite answered; multi-hop = any of its multi-hop
+questions answered. Cases from ``--metadata cases=FILE`` (an export of dataset mquake, or the
+``lm_eval_cases.json`` a run writes into each artifact) or ``data_path=MQuAKE.json`` (all its cases;
+``template=`` defaults to the model family's).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Sequence
 from typing import Any
 
-from meg_harness.evaluate.protocol import ag_match
+from meg_harness.evaluate.evaluator import mquake_probe_specs
+from meg_harness.evaluate.protocol import ag_match, all_per_case, any_per_case
 from meg_harness.lm_eval_plugin.ke import ProbeTask, as_dataset, load_source, present_mean, probe_doc
 from meg_harness.lm_eval_plugin.probes import probe_of
 from meg_harness.store import CasesFile
 
+__all__ = ["MQuAKETask", "all_per_case", "any_per_case", "load_mquake_docs", "mquake_docs"]
+
 
 def mquake_docs(source: CasesFile) -> list[dict[str, Any]]:
     """Rewrite questions (kind ``edit``) then multi-hop questions (kind ``multi_hop``), case by case."""
-    docs = []
-    for case in source.cases:
-        edits = case.extra.get("edits") or [{"prompt": case.prompt, "target_new": case.target_new}]
-        for edit in edits:
-            docs.append(
-                probe_doc(case.case_id, "edit", edit["prompt"], edit["target_new"], source, aliases=[])
-            )
-        if case.multi_hop is not None:
-            aliases = list(case.multi_hop.new_answer_aliases)
-            for question in case.multi_hop.questions:
-                target = case.multi_hop.new_answer
-                docs.append(probe_doc(case.case_id, "multi_hop", question, target, source, aliases=aliases))
-    return docs
+    return [
+        probe_doc(spec.case_id, spec.kind, spec.question, spec.target, source, aliases=list(spec.aliases))
+        for spec in mquake_probe_specs(source.cases)
+    ]
+
+
+def mquake_source(metadata: dict[str, Any]) -> CasesFile:
+    """The cases of ``mquake_ke`` (also the check before the model loads)."""
+    return load_source("mquake", metadata, needs_labels=False)
 
 
 def load_mquake_docs(**metadata: Any) -> dict[str, Any]:
     """``custom_dataset`` of ``mquake_ke``."""
-    return as_dataset(mquake_docs(load_source("mquake", metadata, needs_labels=False)), "mquake_ke")
-
-
-def all_per_case(items: Sequence[tuple[str, bool]]) -> float:
-    """Fraction of cases whose items are all true (``None`` items: other documents, skipped)."""
-    cases: dict[str, bool] = defaultdict(lambda: True)
-    for case_id, hit in filter(None, items):
-        cases[case_id] = cases[case_id] and bool(hit)
-    return sum(cases.values()) / len(cases) if cases else float("nan")
-
-
-def any_per_case(items: Sequence[tuple[str, bool]]) -> float:
-    """Fraction of cases with at least one true item (``None`` items skipped)."""
-    cases: dict[str, bool] = defaultdict(bool)
-    for case_id, hit in filter(None, items):
-        cases[case_id] = cases[case_id] or bool(hit)
-    return sum(cases.values()) / len(cases) if cases else float("nan")
+    return as_dataset(mquake_docs(mquake_source(metadata)), "mquake_ke")
 
 
 class MQuAKETask(ProbeTask):

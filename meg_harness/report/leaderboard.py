@@ -24,7 +24,7 @@ from meg_harness.report.results import (
     read_result,
     starts_with_rates,
 )
-from meg_harness.report.runs import edit_selection, setting_title
+from meg_harness.report.runs import edit_selection, own_metrics, setting_title
 
 __all__ = ["COLUMN_TITLES", "FORMATS", "Row", "collect_rows", "leaderboard", "render"]
 FORMATS = ("md", "csv", "latex")
@@ -50,8 +50,8 @@ def collect_rows(directory: Path) -> list[Row]:
         if path.parent.name.startswith("seed") or any(p.startswith(".") for p in path.parts):
             continue
         data = read_result(path)
-        if "method" not in data or "config" not in data:
-            continue  # not a seed-averaged result of ours
+        if "method" not in data or "config" not in data or own_metrics(data):
+            continue  # not a seed-averaged result of ours, or MQuAKE / UnKE (Tables 17-18: `tables`)
         values = metric_values(data, path)
         config = data["config"]
         n_edits = data.get("counts", {}).get("cases", config.get("n_edits"))

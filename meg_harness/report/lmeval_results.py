@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from meg_harness.errors import HarnessError
+from meg_harness.evaluate.protocol import metric_keys
 from meg_harness.report.model_names import canonical_model
 from meg_harness.report.results import UNEDITED, read_json
 from meg_harness.report.runs import visible_files
 from meg_harness.store import SEED_FOLDER
 
 ARTIFACT_KEYS = {"meg": "meg_path", "edited": "delta"}
+NATIVE_TASKS = {"mquake": "mquake_ke", "unke": "unke_ke"}  # datasets whose runs record a task's metrics
 EDITOR_FILES = ("editor.json", "edit.json")
 
 
@@ -36,6 +38,9 @@ class EvalResult:
     n_edits: int | None
     results: Mapping[str, Mapping[str, Any]]
     source: str  # the results file, relative to the scanned folder
+    parameters: int | None = None  # the model's parameter count (lm-eval's config.model_num_parameters)
+    n_shot: Mapping[str, int] = field(default_factory=dict)  # task -> lm-eval's few-shot count
+    chat_template: bool = False  # the prompts went through the model's chat template (--apply_chat_template)
 
 
 def parse_model_args(value: Any, path: Path) -> dict[str, str]:
@@ -69,9 +74,51 @@ def _read(directory: Path, path: Path) -> EvalResult:
     args = parse_model_args(config.get("model_args"), path)
     method, seed, dataset, n_edits, run_model = _edit(config["model"], args, directory, path)
     model = run_model or canonical_model(args.get("pretrained") or data.get("model_name") or "unknown")
+    parameters = config.get("model_num_parameters")
+    shots = data.get("n-shot") if isinstance(data.get("n-shot"), dict) else {}
     return EvalResult(
-        model, method, seed, dataset, n_edits, data["results"], path.relative_to(directory).as_posix()
+        model,
+        method,
+        seed,
+        dataset,
+        n_edits,
+        data["results"],
+        path.relative_to(directory).as_posix(),
+        parameters if isinstance(parameters, int) and parameters > 0 else None,
+        {str(k): int(v) for k, v in shots.items() if isinstance(v, int) and not isinstance(v, bool)},
+        bool(data.get("chat_template")),
     )
+
+
+def native_eval_results(directory: Path, skip: Sequence[Path] = ()) -> list[EvalResult]:
+    """The MQuAKE / UnKE runs of ``meg-harness run`` (``<method>/seed<k>/metrics.json``) as the results of the
+    lm-eval tasks ``mquake_ke`` / ``unke_ke`` that give the same numbers (fractions), for Tables 17-18."""
+    found = []
+    for path in visible_files(directory, "metrics.json", skip):
+        seed = SEED_FOLDER.match(path.parent.name)
+        data = read_json(path) if seed else None
+        config = data.get("config") if isinstance(data, dict) else None
+        dataset = config.get("dataset") if isinstance(config, dict) else None
+        if dataset not in NATIVE_TASKS or not isinstance(config.get("model"), str):
+            continue
+        counts = data.get("counts") if isinstance(data.get("counts"), dict) else {}
+        metrics = {
+            f"{key},none": data[key] / 100.0
+            for key in metric_keys(dataset)
+            if isinstance(data.get(key), (int, float)) and not isinstance(data.get(key), bool)
+        }
+        found.append(
+            EvalResult(
+                canonical_model(config["model"]),
+                path.parent.parent.name,
+                int(seed.group(1)),
+                dataset,
+                counts.get("cases", config.get("n_edits")),
+                {NATIVE_TASKS[dataset]: metrics},
+                path.relative_to(directory).as_posix(),
+            )
+        )
+    return found
 
 
 def _edit(kind: str, args: Mapping[str, str], directory: Path, path: Path) -> tuple:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from meg_harness.errors import HarnessError
-from meg_harness.evaluate.protocol import ALL_METRIC_KEYS
+from meg_harness.evaluate.protocol import ALL_METRIC_KEYS, metric_keys
 from meg_harness.report.model_names import canonical_model
 from meg_harness.report.results import metric_values, read_json, read_result, starts_with_rates
 from meg_harness.store import SEED_FOLDER
@@ -136,6 +136,8 @@ def collect_runs(directory: Path, skip: Sequence[Path] = ()) -> list[RunResult]:
         data = read_result(path)
         if "method" not in data or "config" not in data:
             continue  # not a result of ours
+        if own_metrics(data):
+            continue  # MQuAKE / UnKE: their own metrics, in Tables 17-18 (eval_tables)
         if SEED_FOLDER.match(path.parent.name):
             per_method.setdefault(path.parent.parent, []).append((path, data))
         else:
@@ -145,6 +147,12 @@ def collect_runs(directory: Path, skip: Sequence[Path] = ()) -> list[RunResult]:
         _from_average(directory, folder, *averaged[folder]) for folder in averaged if folder not in per_method
     ]
     return sorted(results, key=_order)
+
+
+def own_metrics(data: Mapping[str, Any]) -> bool:
+    """Whether a metrics.json holds a dataset's own metrics (MQuAKE, UnKE) instead of the protocol's six."""
+    config = data.get("config")
+    return isinstance(config, dict) and tuple(metric_keys(config.get("dataset"))) != tuple(ALL_METRIC_KEYS)
 
 
 def _order(result: RunResult) -> tuple:

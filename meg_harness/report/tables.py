@@ -21,7 +21,7 @@ from meg_harness.report.ablation import ablation_tables
 from meg_harness.report.editing_tables import alphaedit_tables, editing_tables
 from meg_harness.report.eval_tables import general_tables, mquake_tables, unke_tables
 from meg_harness.report.figures import layer_figures, scale_figures, threshold_figures
-from meg_harness.report.lmeval_results import EvalResult, collect_eval_results
+from meg_harness.report.lmeval_results import EvalResult, collect_eval_results, native_eval_results
 from meg_harness.report.outputs import Built, Output, Skipped
 from meg_harness.report.runs import RunResult, collect_runs
 from meg_harness.report.sweeps import LayerSweep, collect_sweeps
@@ -56,9 +56,8 @@ def collect_inputs(directory: Path, skip: Sequence[Path] = ()) -> Inputs:
     directory = Path(directory)
     if not directory.is_dir():
         raise HarnessError("not a directory of results", file=directory)
-    inputs = Inputs(
-        collect_runs(directory, skip), collect_eval_results(directory, skip), collect_sweeps(directory, skip)
-    )
+    evals = native_eval_results(directory, skip) + collect_eval_results(directory, skip)  # MQuAKE/UnKE runs
+    inputs = Inputs(collect_runs(directory, skip), evals, collect_sweeps(directory, skip))
     if not (inputs.runs or inputs.evals or inputs.sweeps):
         raise HarnessError(
             "no results found (looked for <method>/seed<k>/metrics.json, results_*.json, layer_sweep.json)",
