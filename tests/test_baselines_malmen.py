@@ -462,18 +462,6 @@ def test_runner_fits_scores_and_saves_malmen(tmp_path):
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
 
-    def record(i, c):
-        return {
-            "case_id": i,
-            "prompt": c.prompt,
-            "subject": c.subject,
-            "target_new": c.target_new,
-            "ground_truth": "Paris",
-            "rephrase_prompt": c.rephrases[0],
-            "locality_prompt": c.locality[0].prompt,
-            "locality_ground_truth": "French",
-        }
-
     (tmp_path / "train.json").write_text(json.dumps(counterfact_records(TRAIN[:32])))
     (tmp_path / "edit.json").write_text(json.dumps(counterfact_records(HELD_OUT, first_id=100)))
     hparams = {
