@@ -145,7 +145,11 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
                 log(f"{method} seed {seed}: already done, skipped ({target})")
                 continue
             log(f"{method} seed {seed}: {len(cases)} edits")
+            clock = time.perf_counter()
             labels = evaluator.locality_labels(unedited, cases, fingerprint)
+            labels_s = (
+                time.perf_counter() - clock
+            )  # the unedited answers (read back from the cache after one)
             editor = editor_classes[method](hparams[method])
             editor.cache_dir = cache_dir
             _run_one(
@@ -168,6 +172,7 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
                     "model_family": adapter.family,
                 },
                 seed=seed,
+                labels_s=labels_s,
             )
             log(f"{method} seed {seed}: " + _headline(read_metrics(target)))
 
@@ -257,7 +262,19 @@ def edit_requests(dataset: str, cases: list[EditCase]) -> list[EditCase]:
 
 
 def _run_one(
-    editor, model, tokenizer, cases, template, evaluator, labels, target: Path, *, dataset, record, seed
+    editor,
+    model,
+    tokenizer,
+    cases,
+    template,
+    evaluator,
+    labels,
+    target: Path,
+    *,
+    dataset,
+    record,
+    seed,
+    labels_s: float = 0.0,
 ) -> None:
     """Fit, score and save one method/seed; written to a temp folder, renamed into ``target`` at the end."""
     seed_everything(seed)
@@ -279,6 +296,7 @@ def _run_one(
             )
             write_items(staging, items)
             metrics["timings"]["fit_s"] = fitted - started
+            metrics["timings"]["labels_s"] = labels_s
             metrics["resources"] = {"peak_rss_mb": peak_rss_mb()}
             if edited.info:
                 metrics["fit"] = edited.info

@@ -176,9 +176,18 @@ def check_previous_run(out: Path, config: RunConfig) -> None:
         return
     old = json.loads(previous.read_text())
     new = config.to_dict()
-    # adding methods (with their hparams) or seeds to a finished run is allowed; nothing else may change
-    new["hparams"] = {m: h for m, h in new.get("hparams", {}).items() if m in old.get("methods", [])}
-    old["hparams"] = {m: h for m, h in old.get("hparams", {}).items() if m in new.get("methods", [])}
+    # Adding methods or seeds is allowed, and so is changing the hparams of a method with no finished
+    # result yet (an interrupted or never-started one); check_finished_hparams guards the finished ones.
+    # Nothing else may change.
+    seeds = set(old.get("seeds", [])) | set(new.get("seeds", []))
+
+    def finished(method: str) -> bool:
+        return any(is_finished(seed_dir(out, method, seed)) for seed in seeds)
+
+    shared = set(old.get("methods", [])) & set(new.get("methods", []))
+    kept = {m for m in shared if finished(m)}
+    new["hparams"] = {m: h for m, h in new.get("hparams", {}).items() if m in kept}
+    old["hparams"] = {m: h for m, h in old.get("hparams", {}).items() if m in kept}
     ignore = {"methods", "seeds"}
     if content_hash({k: v for k, v in old.items() if k not in ignore}) != content_hash(
         {k: v for k, v in new.items() if k not in ignore}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,23 @@ def test_rerun_skips_finished_and_refuses_other_config(run_config, tmp_path, cap
     err = capsys.readouterr().err
     assert "different run config" in err and "n_edits" in err
     assert finished.stat().st_mtime_ns == stamp
+
+
+def test_unfinished_method_may_change_hparams_finished_may_not(run_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    methods = ["none", "none@b"]
+    first = run_config(seeds=[0], methods=methods, hparams={"none@b": {"note": "a"}})
+    assert main(["run", str(first), "--out", str(out)]) == 0
+    shutil.rmtree(out / "none@b")  # as if none@b had been interrupted before it finished
+    changed = run_config(seeds=[0], methods=methods, hparams={"none@b": {"note": "b"}})
+    assert main(["run", str(changed), "--out", str(out)]) == 0
+    recorded = json.loads((out / "none@b" / "seed0" / "metrics.json").read_text())["hparams"]
+    assert recorded["note"] == "b"
+    assert json.loads((out / "run_config.json").read_text())["hparams"]["none@b"] == {"note": "b"}
+    capsys.readouterr()
+    again = run_config(seeds=[0], methods=methods, hparams={"none@b": {"note": "c"}})
+    assert main(["run", str(again), "--out", str(out)]) == 2  # none@b has finished with note b
+    assert "different run config" in capsys.readouterr().err
 
 
 def test_adding_a_labelled_variant_reuses_finished_results(run_config, tmp_path, capsys):

@@ -204,13 +204,17 @@ class LocateThenEdit(Editor):
                 tokenizer, cases, template, prefixes, self.hp.kl_prompt, terminator=self.hp.terminator
             )
             z_layer = layers[-1]
+            clock = time.perf_counter()
             values = self.values(model, tokenizer, plans, self.value_sites(adapter, z_layer), z_layer)
+            z_s = time.perf_counter() - clock
+            clock = time.perf_counter()
             delta = WeightDelta()
             try:
                 norms = self._update_layers(model, tokenizer, adapter, plans, values, layers, stats, delta)
             except BaseException:
                 delta.restore(model)
                 raise
+            update_s = time.perf_counter() - clock
         info = {
             "n_edits": len(plans),
             "layers": layers,
@@ -219,6 +223,8 @@ class LocateThenEdit(Editor):
             "z_steps": values.steps,
             "statistics": statistics_info(self.hp, stats, stats_s),
             "context_prefixes": prefixes,
+            "z_s": z_s,  # value optimisation (read back from the cache when its chunks are there)
+            "update_s": update_s,  # keys and the per-layer solves
         }
         return DeltaEdited(model, tokenizer, delta, info)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,9 @@ class MALMEN(Editor):
             log.warning("%d of the %d edited prompts are also MALMEN training facts", overlap, len(cases))
         trained = self.hypernet(model, tokenizer, template, train_cases, self._fingerprint)
         net = trained.net
+        clock = time.perf_counter()
         deltas, nll_before = compute_deltas(model, tokenizer, template, net, modules, cases, self.hp)
+        deltas_s = time.perf_counter() - clock
         for name, dw in zip(modules, deltas):  # checked before anything is applied
             if not bool(dw.isfinite().all()):
                 raise HarnessError(f"MALMEN produced a non-finite update for {name}", field="hparams")
@@ -171,6 +174,7 @@ class MALMEN(Editor):
             "meta_total_steps": trained.state["total_steps"],
             "meta_done": bool(trained.state.get("done")),
             "meta_train_s": trained.state.get("elapsed_s"),
+            "deltas_s": deltas_s,  # the edits' keys and gradients, and the hypernetwork's solve
             "meta_last": history[-1] if history else None,
             "hypernet_key": trained.state.get("key"),
             "lambda": [math.exp(net.log_lambda(i).item()) for i in range(len(modules))],
