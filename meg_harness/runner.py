@@ -34,6 +34,7 @@ from meg_harness.lock import output_lock
 from meg_harness.models import get_adapter, load_model, model_fingerprint
 from meg_harness.prompts import encode_query, get_template
 from meg_harness.provenance import git_sha, peak_rss_mb, versions
+from meg_harness.ranks import barrier, init_from_launcher, is_main, spread_over_ranks
 from meg_harness.settings import key_origin
 from meg_harness.shipped import hparams_root
 from meg_harness.store import (
@@ -69,12 +70,23 @@ def run_experiment(
     """Run every method and seed of ``config`` into ``out``; returns {method: averaged metrics}.
 
     With ``n_edits`` a list, each scale is a run of its own in ``out/n<N>``; returns {N: {method: ...}}.
-    ``out`` is locked for the run: a second process on it is refused (:func:`output_lock`)."""
+    ``out`` is locked for the run: a second process on it is refused (:func:`output_lock`).
+
+    Under ``torchrun`` / ``accelerate launch`` every rank runs this; the per-edit work (z chunks, MeG
+    neuron shards, probe batches, the unedited answers) is spread over the ranks and gathered
+    (:mod:`meg_harness.ranks`), and rank 0 alone locks ``out`` and writes the results."""
+    device = init_from_launcher(config.device)
+    if not is_main():
+        return _run_experiment(config, Path(out), config_source=config_source, log=_quiet, device=device)
     with output_lock(out):
-        return _run_experiment(config, Path(out), config_source=config_source, log=log)
+        return _run_experiment(config, Path(out), config_source=config_source, log=log, device=device)
 
 
-def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Log) -> dict:
+def _quiet(_message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Log, device: str) -> dict:
     if isinstance(config.n_edits, list):
         results = {}
         for scaled in config.scales():
@@ -110,7 +122,7 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
     log(f"loading model {config.model} ({config.dtype}, {config.device})")
     with _in_config(config_source, "model"):
         model, tokenizer = load_model(
-            config.model, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir
+            config.model, dtype=config.dtype, device=device, cache_dir=config.cache_dir
         )
         try:
             adapter = get_adapter(model)
@@ -135,8 +147,9 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
                 cases = _keep_unknown(unedited, evaluator, cases, config, seed)
         evaluator.check_inputs(model, cases)
         cases_per_seed[seed] = cases
-    # Everything is validated: from here on, results are written.
-    write_run_config(out, config.to_dict())
+    # Everything is validated: from here on, results are written (by rank 0 of a multi-process run).
+    if is_main():
+        write_run_config(out, config.to_dict())
 
     for seed, cases in cases_per_seed.items():
         for method in config.methods:
@@ -146,10 +159,9 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
                 continue
             log(f"{method} seed {seed}: {len(cases)} edits")
             clock = time.perf_counter()
-            labels = evaluator.locality_labels(unedited, cases, fingerprint)
-            labels_s = (
-                time.perf_counter() - clock
-            )  # the unedited answers (read back from the cache after one)
+            with spread_over_ranks():  # the unedited answers (read back from the cache after one method)
+                labels = evaluator.locality_labels(unedited, cases, fingerprint)
+            labels_s = time.perf_counter() - clock
             editor = editor_classes[method](hparams[method])
             editor.cache_dir = cache_dir
             _run_one(
@@ -174,8 +186,11 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
                 seed=seed,
                 labels_s=labels_s,
             )
+            barrier()  # rank 0 has written the result
             log(f"{method} seed {seed}: " + _headline(read_metrics(target)))
 
+    if not is_main():
+        return {}
     summary = {}
     for method in config.methods:
         summary[method] = aggregate(out / method, config.seeds)
@@ -279,10 +294,14 @@ def _run_one(
     """Fit, score and save one method/seed; written to a temp folder, renamed into ``target`` at the end."""
     seed_everything(seed)
     started = time.perf_counter()
-    edited = editor.fit(model, tokenizer, edit_requests(dataset, cases), template)
+    with spread_over_ranks():
+        edited = editor.fit(model, tokenizer, edit_requests(dataset, cases), template)
     fitted = time.perf_counter()
     try:
-        metrics, items = evaluator.evaluate(edited, cases, labels)
+        with spread_over_ranks():
+            metrics, items = evaluator.evaluate(edited, cases, labels)
+        if not is_main():
+            return
         with staged(target) as staging:
             editor.save(edited, staging / ARTIFACT)
             write_cases_file(  # what the knowledge-editing lm-eval tasks read from the artifact

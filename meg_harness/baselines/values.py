@@ -32,6 +32,7 @@ from meg_harness.baselines.plan import EditPlan, pad_id
 from meg_harness.cache import atomic_path
 from meg_harness.models.layer_cache import LayerCachedLM, right_pad_ids, target_index
 from meg_harness.models.nethook import TraceDict, model_device
+from meg_harness.ranks import map_shared
 
 
 @dataclass
@@ -220,20 +221,24 @@ def optimise_values(
     """
     device = model_device(model)
     lm = LayerCachedLM(model, layer)
-    parts = []
-    chunks = range(0, len(plans), hp.z_batch_size)
-    for start in tqdm(chunks, desc="z optimisation", disable=not progress, leave=False):
-        chunk = plans[start : start + hp.z_batch_size]
+    chunks = [plans[start : start + hp.z_batch_size] for start in range(0, len(plans), hp.z_batch_size)]
+
+    def optimise(chunk: Sequence[EditPlan]) -> ValueResult:
         path = cache(chunk) if cache else None
         if path is not None and path.is_file():
-            parts.append(ValueResult.load(path))
-            continue
-        batch = _batch(chunk, pad_id(tokenizer), device)
-        parts.append(_optimise_chunk(lm, batch, len(chunk), sites, hp, nll_factor, relax_on_argmax))
-        if not record_observed:
-            parts[-1].observed = {}
-        if path is not None:
-            parts[-1].save(path)
+            result = ValueResult.load(path)
+        else:
+            batch = _batch(chunk, pad_id(tokenizer), device)
+            result = _optimise_chunk(lm, batch, len(chunk), sites, hp, nll_factor, relax_on_argmax)
+            if not record_observed:
+                result.observed = {}
+            if path is not None:
+                result.save(path)
+        bar.update(1)
+        return result
+
+    with tqdm(total=len(chunks), desc="z optimisation", disable=not progress, leave=False) as bar:
+        parts = map_shared(chunks, optimise)  # chunks spread over the ranks of a multi-process run
     return ValueResult.concat(parts)
 
 

@@ -6,6 +6,7 @@ own modification. Items are processed longest-first (less padding) and returned 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from meg_harness.editing.base import Edited
 from meg_harness.prompts import ANSWER_CUTS, MAX_NEW_TOKENS
+from meg_harness.ranks import map_shared
 
 
 @dataclass(frozen=True)
@@ -49,15 +51,9 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _progress(batches: list[list[int]], label: str | None) -> Iterator[list[int]]:
-    """The batches, with a progress bar counting items when ``label`` is given."""
-    if label is None:
-        yield from batches
-        return
-    with tqdm(total=sum(map(len, batches)), desc=label, leave=False) as bar:
-        for batch in batches:
-            yield batch
-            bar.update(len(batch))
+def _bar(batches: list[list[int]], label: str | None) -> tqdm:
+    """A progress bar counting the batches' items (a silent one when ``label`` is None)."""
+    return tqdm(total=sum(map(len, batches)), desc=label, leave=False, disable=label is None)
 
 
 @torch.no_grad()
@@ -71,7 +67,8 @@ def teacher_forced_accuracy(
     sequences = [p.query_ids + p.target_ids for p in probes]
     scores = [0.0] * len(probes)
     batches = list(_batches(_longest_first([len(s) for s in sequences]), batch_size))
-    for batch in _progress(batches, progress):
+
+    def score(batch: list[int]) -> list[tuple[int, float]]:
         width = max(len(sequences[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -81,10 +78,17 @@ def teacher_forced_accuracy(
         with edited.rows([probes[i].question for i in batch]):
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
         predicted = logits.argmax(-1).cpu()
+        scored = []
         for row, i in enumerate(batch):
             start, n = len(probes[i].query_ids), len(probes[i].target_ids)
             hits = predicted[row, start - 1 : start - 1 + n] == torch.tensor(probes[i].target_ids)
-            scores[i] = int(hits.sum()) / n
+            scored.append((i, int(hits.sum()) / n))
+        bar.update(len(batch))
+        return scored
+
+    with _bar(batches, progress) as bar:  # batches spread over the ranks of a multi-process run
+        for i, value in itertools.chain.from_iterable(map_shared(batches, score)):
+            scores[i] = value
     return scores
 
 
@@ -137,7 +141,8 @@ def greedy_answers(
     device, pad_id = _device(model), tokenizer.pad_token_id
     results: list[Generation | None] = [None] * len(probes)
     batches = list(_batches(_longest_first([len(p.query_ids) for p in probes]), batch_size))
-    for batch in _progress(batches, progress):
+
+    def decode(batch: list[int]) -> list[tuple[int, Generation]]:
         width = max(len(probes[i].query_ids) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -154,8 +159,15 @@ def greedy_answers(
                     [_AnswerComplete(tokenizer, width, cuts)] if cuts else []
                 ),
             )
+        decoded = []
         for row, i in enumerate(batch):
             generated = output[row, width:].tolist()
             text = tokenizer.decode(generated, skip_special_tokens=True)
-            results[i] = Generation(text, _answer_ids(tokenizer, generated, cuts))
+            decoded.append((i, Generation(text, _answer_ids(tokenizer, generated, cuts))))
+        bar.update(len(batch))
+        return decoded
+
+    with _bar(batches, progress) as bar:  # batches spread over the ranks of a multi-process run
+        for i, generation in itertools.chain.from_iterable(map_shared(batches, decode)):
+            results[i] = generation
     return results  # type: ignore[return-value]

@@ -50,6 +50,7 @@ from meg_harness.models.layer_cache import LayerCachedLM, right_pad_ids, target_
 from meg_harness.models.loading import model_fingerprint
 from meg_harness.models.nethook import frozen
 from meg_harness.prompts import MAX_NEW_TOKENS, QueryTemplate, context_length, encode_answer, encode_query
+from meg_harness.ranks import map_shared
 from meg_harness.settings import NON_NEGATIVE, POSITIVE, Rule, Settings, one_of, settings_from_mapping
 
 log = logging.getLogger(__name__)
@@ -450,23 +451,29 @@ def collect_neurons(
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         folder = root / "neurons" / cache_key(model, cases, template, hp)[:24]
     shards = [range(i, min(i + hp.shard_size, len(edits))) for i in range(0, len(edits), hp.shard_size)]
-    results: list[_ShardResult] = []
-    reused = 0
     with frozen(model), tqdm(total=len(edits), desc="collecting neurons", disable=not progress) as bar:
         collector = _Collector(model, tokenizer, hp, adapter, layer_cached=hp.layer_cache)
-        for j, shard in enumerate(shards):
-            ids = [edits[i].case_id for i in shard]
+        done: list[bool] = []
+
+        def shard_result(j: int) -> tuple[_ShardResult, bool]:
+            """Shard ``j``'s neurons and whether they were read back from the cache."""
+            ids = [edits[i].case_id for i in shards[j]]
             result = _read_shard(folder, j, ids, collector.device) if folder else None
-            if result is not None:
-                reused += len(shard)
-                bar.update(len(shard))
+            read = result is not None
+            if read:
+                bar.update(len(ids))
             else:
-                result = collector.collect([edits[i] for i in shard], bar)
+                result = collector.collect([edits[i] for i in shards[j]], bar)
                 if folder:
                     _write_shard(folder, j, ids, result)
-            results.append(result)
-            done = [s for r in results for s in r.success]
+            done.extend(result.success)
             bar.set_postfix(success=f"{sum(done)}/{len(done)}")
+            return result, read
+
+        # shards spread over the ranks of a multi-process run, gathered onto the model's device
+        gathered = map_shared(range(len(shards)), shard_result, device=collector.device)
+    results = [result for result, _ in gathered]
+    reused = sum(len(shards[j]) for j, (_, was_read) in enumerate(gathered) if was_read)
     return CollectionResult(
         case_ids=[e.case_id for e in edits],
         neurons=NeuronBatch.cat([r.neurons for r in results]),

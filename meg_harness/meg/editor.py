@@ -34,6 +34,7 @@ from meg_harness.meg.train_generator import LENGTH_SETTINGS, continue_shorter_ru
 from meg_harness.models.adapters import get_adapter
 from meg_harness.models.loading import model_fingerprint
 from meg_harness.prompts import QueryTemplate
+from meg_harness.ranks import world
 
 GENERATOR_CACHE_VERSION = "meg-generator/v1"
 # Training settings added after the cache format was fixed: they enter the cache key only when they differ
@@ -239,11 +240,13 @@ class MegEditor(Editor):
             hp.generator, vector_dim=targets.shape[1], cond_dim=cond.shape[1]
         )
         normalizer = WeightNormalizer.fit(targets)
+        processes = world()[1]  # data-parallel training (a launcher's ranks) draws other batches
         shape = (
             GENERATOR_CACHE_VERSION,
             _tensor_digest(cond, targets),
             config.to_dict(),
             hp.diffusion.to_dict(),
+            *([{"processes": processes}] if processes > 1 else []),  # one process: the keys as before
         )
         train = {
             k: v
