@@ -47,9 +47,10 @@ from tests.test_lm_eval_meg import artifact, cases  # noqa: E402, F401  (the tin
 
 README = REPO_ROOT / "README.md"
 ALIAS = "smollm2-135m"
-COMMAND = re.compile(r"(^|\s)(lm_eval|meg-harness|python -m meg_harness[\w.]*|\S*/meg-harness)(\s|$)")
+COMMAND = re.compile(r"(^|\s)(lm_eval|meg-harness|-m meg_harness[\w.]*|\S*/meg-harness)(\s|$)")
 SYNOPSIS = re.compile(r"\[|\w\|\w|(?<![\w/.-])(?:[A-Z][A-Z_]{2,}|CONFIG\.yaml)(?![\w/.=-])")
-EXPECTED = 18  # command lines in README.md: a set-up line, 5 synopses, tasks-path, the export, 10 lm_eval
+EXPECTED = 20  # command lines in README.md: a set-up line, 6 synopses, tasks-path, the export, 10 lm_eval,
+# a 4-GPU run
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,12 @@ class Rule:
 RULES = (  # the first rule that matches a line decides
     Rule(r"scripts/setup_venv\.sh", "skip", "sets up a fresh virtual environment (a fresh machine, minutes)"),
     Rule(r"^accelerate launch -m lm_eval", "skip", "lm-eval's multi-GPU launcher: needs GPUs"),
+    Rule(r"^torchrun --nproc_per_node 4", "skip", "a 4-GPU run: needs GPUs"),
+    Rule(
+        r"^CUDA_VISIBLE_DEVICES= torchrun",
+        "skip",
+        "a synopsis under a launcher; tests/test_ranks.py runs meg-harness run in 2 gloo processes",
+    ),
     Rule(
         r"^CUDA_VISIBLE_DEVICES= accelerate launch",
         "slow",
@@ -134,7 +141,7 @@ def _param(command: Command, first_lm_eval: int):
 
 def test_the_readme_commands_are_found_and_classified():
     assert len(COMMANDS) == EXPECTED, [c.line for c in COMMANDS]
-    assert sum(c.synopsis for c in COMMANDS) == 5
+    assert sum(c.synopsis for c in COMMANDS) == 6  # with the 2-process run (CONFIG, OUT)
     lm_eval = [c for c in COMMANDS if re.search(r"(^|-m )lm_eval ", c.line)]
     assert len(lm_eval) == 10 and all("$(meg-harness tasks-path)" in c.line for c in lm_eval)
     # the README's unedited counterfact_ke command has its cases (issue 20: it failed without)
