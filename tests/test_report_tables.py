@@ -164,8 +164,13 @@ def test_ablation_table_and_threshold_figure_of_our_model(tmp_path):
 def test_figures_of_scale_and_layers(tmp_path):
     _full_tree(tmp_path)
     written = {p.name for p in write_tables(tmp_path, tmp_path / "out")}
-    assert {"score_vs_scale_counterfact_smollm2-135m.png", "reliability_vs_layer_smollm2-135m.png"} <= written
-    assert "score_vs_scale_zsre_phi-2.png" not in written  # one scale only
+    assert {"score_vs_scale_smollm2-135m.png", "reliability_vs_layer_smollm2-135m.png"} <= written
+    assert "ag_vs_scale_counterfact_smollm2-135m.png" in written  # Rel / Gen / Loc AG, a panel each
+    assert not {"score_vs_scale_phi-2.png", "ag_vs_scale_zsre_phi-2.png"} & written  # one scale only
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "ag_vs_scale_counterfact_smollm2-135m.png") as image:
+        assert image.size == (3 * 640, 400)  # three panels side by side
 
 
 def test_general_mquake_and_unke_tables_from_lm_eval_results(tmp_path):

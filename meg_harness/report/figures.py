@@ -1,5 +1,5 @@
-"""The paper's figures as PNG: Score vs edit scale (Figs. 3-4), Reliability vs layer (Figs. 5-7), and
-Score / Generality / Locality vs the familiarity threshold (Table 16 as a plot).
+"""The paper's figures as PNG: Score vs edit scale (Figs. 3-4; with AG per metric), Reliability vs layer
+(Figs. 5-7), and Score / Generality / Locality vs the familiarity threshold (Table 16 as a plot).
 
 Drawn on a bare Agg canvas with matplotlib's default style and saved without metadata, so the same inputs
 give the same bytes.
@@ -31,13 +31,14 @@ THRESHOLD_CURVES = {
 }
 
 
-def _new_axes(figsize: tuple[float, float] = (6.4, 4.0)):
+def _new_axes(figsize: tuple[float, float] = (6.4, 4.0), panels: int = 1):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=figsize, dpi=100)
     FigureCanvasAgg(figure)
-    return figure, figure.subplots()
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    return figure, axes[0] if panels == 1 else list(axes)
 
 
 def _png(figure) -> bytes:
@@ -47,35 +48,88 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _draw(draw, *args) -> bytes:
-    """Run ``draw(axes, *args)`` under matplotlib's default style; the PNG bytes."""
+def _draw(draw, *args, panels: int = 1) -> bytes:
+    """Run ``draw(axes, *args)`` under matplotlib's default style (``axes`` a list when ``panels`` > 1,
+    side by side); the PNG bytes."""
     import matplotlib.style
 
     with matplotlib.style.context("default"):
-        figure, axes = _new_axes()
+        figure, axes = _new_axes((6.4 * panels, 4.0), panels)
         draw(axes, *args)
         return _png(figure)
 
 
+AG_CURVES = {
+    "reliability_ag": "Reliability AG",
+    "generality_ag": "Generality AG",
+    "locality_ag": "Locality AG",
+}
+
+
 def scale_figures(runs: Sequence[RunResult]) -> Built:
-    """Per (model, dataset, edits drawn from) run at two or more scales: each method's Score vs the number
-    of edits."""
+    """Per model: each method's Score vs the number of edits, a panel per dataset (and edit range) with runs
+    at two or more scales (Figs. 3-4); and per such panel, Reliability / Generality / Locality AG vs edits."""
     plain = [r for r in runs if not r.is_variant and r.method != UNEDITED]
 
     def series(r: RunResult) -> tuple:
         return (r.model, r.dataset, r.edits, r.edit_range)
 
-    outputs = []
+    panels: dict[str, list[list[RunResult]]] = {}
     for key in sorted({series(r) for r in plain}, key=str):
-        model, dataset, edits, edit_range = key
         rows = sorted((r for r in plain if series(r) == key), key=lambda r: r.run)
-        if len({r.n_edits for r in rows}) < 2:
-            continue
-        png = _draw(_scale_plot, model, dataset, rows)
-        title = f"Score vs number of edits: {dataset} · {model}" + (f" · {edits}" if edits else "")
-        name = f"score_vs_scale_{file_part(dataset)}_{file_part(model)}{range_file_part(edit_range)}.png"
-        outputs.append(Output(name, png, title))
+        if len({r.n_edits for r in rows}) >= 2:
+            panels.setdefault(key[0], []).append(rows)
+    outputs = []
+    for model, datasets in panels.items():
+        png = _draw(_scale_panels, datasets, panels=len(datasets))
+        names = ", ".join(rows[0].dataset for rows in datasets)
+        outputs.append(
+            Output(
+                f"score_vs_scale_{file_part(model)}.png", png, f"Score vs number of edits: {model} ({names})"
+            )
+        )
+        for rows in datasets:
+            first = rows[0]
+            png = _draw(_ag_panels, rows, panels=len(AG_CURVES))
+            where = f"{file_part(first.dataset)}_{file_part(model)}{range_file_part(first.edit_range)}"
+            name = f"ag_vs_scale_{where}"
+            title = f"Reliability / Generality / Locality AG vs number of edits: {first.dataset} · {model}"
+            outputs.append(Output(f"{name}.png", png, title + (f" · {first.edits}" if first.edits else "")))
     return outputs or [Skipped(SCALE, "no model × dataset with run results at two or more edit scales")]
+
+
+def _scale_panels(axes, datasets: Sequence[Sequence[RunResult]]) -> None:
+    for panel, rows in zip(axes if isinstance(axes, list) else [axes], datasets):
+        _scale_plot(panel, rows[0].model, rows[0].dataset, rows)
+
+
+def _points(rows: Sequence[RunResult], method: str) -> dict[int, RunResult]:
+    """One run per scale of ``method`` (the first, by run folder)."""
+    points: dict[int, RunResult] = {}
+    for row in rows:
+        if row.method == method:
+            points.setdefault(row.n_edits, row)
+    return points
+
+
+def _ag_panels(axes, rows: Sequence[RunResult]) -> None:
+    scales = sorted({r.n_edits for r in rows})
+    for panel, (key, label) in zip(axes, AG_CURVES.items()):
+        for method, color in zip(
+            sorted({r.method for r in rows}), itertools.cycle(f"C{i}" for i in range(10))
+        ):
+            points = _points(rows, method)
+            xs = sorted(points)
+            panel.plot(xs, [points[n].values[key] for n in xs], marker="o", color=color, label=method)
+        panel.set_xscale("log", base=2)
+        panel.set_xticks(scales, [str(n) for n in scales])
+        panel.minorticks_off()
+        panel.set_xlabel("number of edits")
+        panel.set_ylabel(f"{label} (%)")
+        panel.set_ylim(0, 100)
+        panel.set_title(f"{rows[0].model} · {rows[0].dataset}: {label}")
+        panel.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
 
 
 def _paper_scores(model: str, dataset: str, method: str) -> list[tuple[int, float]]:
@@ -91,10 +145,7 @@ def _scale_plot(axes, model: str, dataset: str, rows: Sequence[RunResult]) -> No
     colors = itertools.cycle(f"C{i}" for i in range(10))
     scales: set[int] = set()
     for method in sorted({r.method for r in rows}):
-        points: dict[int, RunResult] = {}
-        for row in rows:
-            if row.method == method:
-                points.setdefault(row.n_edits, row)
+        points = _points(rows, method)
         xs = sorted(points)
         ys = [points[n].values["score"] for n in xs]
         errors = [0.0 if math.isnan(points[n].stds["score"]) else points[n].stds["score"] for n in xs]
