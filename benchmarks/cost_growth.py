@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from meg_harness.models.tiny import make_tiny_model
+from meg_harness.shipped import shipped_hparams
 
 SIZES = (1000, 2000, 4000, 10000)
 METHODS = ("none", "meg", "memit", "alphaedit", "pmet", "ft", "malmen")
@@ -43,14 +44,6 @@ OVERRIDES = {  # what a 2-layer model needs, and constant-cost stages shortened
     "pmet": {"mom2_n_samples": 256},
     "ft": {},
     "malmen": {"max_steps": 2, "train_n_edits": 64, "train_dataset": "counterfact"},
-}
-FILES = {
-    "meg": "MEG",
-    "memit": "MEMIT",
-    "alphaedit": "AlphaEdit",
-    "pmet": "PMET",
-    "ft": "FT",
-    "malmen": "MALMEN",
 }
 
 
@@ -65,10 +58,10 @@ def edits_file(data: Path, n: int, out: Path) -> Path:
     return path
 
 
-def hparams(method: str, root: Path, data: Path) -> dict:
+def hparams(method: str, data: Path) -> dict:
     if method == "none":
         return {}
-    spec = {"base": str(root / "hparams" / FILES[method] / "smollm2-135m.yaml"), **OVERRIDES[method]}
+    spec = {"base": str(shipped_hparams(method, "smollm2-135m")), **OVERRIDES[method]}
     if method in TINY_LAYERS:
         spec["layers"] = TINY_LAYERS[method]
     if method == "malmen":
@@ -93,7 +86,7 @@ def run(model: Path, method: str, n: int, edits: Path, out: Path, root: Path, da
         "seeds": [0],
         "one_per_subject": False,
         "methods": [method],
-        "hparams": {method: hparams(method, root, data)} if method != "none" else {},
+        "hparams": {method: hparams(method, data)} if method != "none" else {},
         "cache_dir": str(out / "cache"),
     }
     path = out / f"n{n}-{method}.yaml"

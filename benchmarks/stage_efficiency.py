@@ -40,6 +40,7 @@ from meg_harness.meg.train_generator import TrainConfig, train_generator
 from meg_harness.models import get_adapter, load_model
 from meg_harness.models.nethook import frozen
 from meg_harness.prompts import encode_query, get_template
+from meg_harness.shipped import shipped_hparams
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Context:
     args: argparse.Namespace
 
     def hparams(self, method: str) -> dict[str, Any]:
-        path = f"{self.args.hparams_root}/{method}/{self.args.model}.yaml"
+        path = str(shipped_hparams(method, self.args.model))
         return load_hparams(path, method.lower(), path)
 
     def editor(self, method: str, cache: str, **overrides: Any) -> Editor:
@@ -163,7 +164,6 @@ def main() -> None:
         prog="benchmarks/stage_efficiency.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--hparams-root", default="hparams")
     parser.add_argument("--data-path", default="../shared/data/counterfact/counterfact-edit.json")
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--edits", type=int, default=16)

@@ -36,7 +36,7 @@ from meg_harness.prompts import encode_query, get_template
 from meg_harness.provenance import git_sha, peak_rss_mb, versions
 from meg_harness.ranks import barrier, init_from_launcher, is_main, spread_over_ranks
 from meg_harness.settings import key_origin
-from meg_harness.shipped import hparams_root
+from meg_harness.shipped import shipped_hparams
 from meg_harness.store import (
     ARTIFACT,
     CASES_FILE,
@@ -229,18 +229,16 @@ def _checked(check: Callable[[], T], method: str, source: Any, config_source: st
 
 def _hparams_source(config: RunConfig, method: str, config_source: str) -> Any:
     """What ``hparams.<method>`` gives (a YAML path or a mapping); for a method given none, the shipped
-    ``hparams/<METHOD>/<model>.yaml`` of the model alias (:func:`hparams_root`: the checkout's or the
+    ``hparams/<METHOD>/<model>.yaml`` of the model alias (:func:`shipped_hparams`: the checkout's or the
     installed copy), else an error (a class's defaults are one model's settings, e.g. GPT-J's layers, and
     must not be used silently on another)."""
     value = config.hparams.get(method)
     base = method.partition("@")[0]
     if value is not None or base == "none":
         return value
-    if "/" not in config.model:  # an alias (a path or hub id has a slash)
-        name = f"{config.model.lower()}.yaml"
-        for folder in (d for d in hparams_root().iterdir() if d.name.lower() == base):
-            if (folder / name).is_file():
-                return str(folder / name)
+    shipped = shipped_hparams(base, config.model) if "/" not in config.model else None  # only for aliases
+    if shipped is not None:
+        return str(shipped)
     why = "ship only for model aliases" if "/" in config.model else f"ship none for {config.model!r}"
     raise HarnessError(
         f"no hparams for {method}: give a YAML path or a mapping (the default hparams files {why})",

@@ -47,6 +47,15 @@ def hparams_root() -> Path:
     return shipped_dir("hparams")
 
 
+def shipped_hparams(method: str, model_alias: str) -> Path | None:
+    """The shipped ``hparams/<METHOD>/<alias>.yaml`` of ``method`` (folder name in any case), or None."""
+    name = f"{model_alias.lower()}.yaml"
+    for folder in (d for d in hparams_root().iterdir() if d.name.lower() == method.lower()):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
 def tasks_root() -> Path:
     """The lm-eval task YAMLs: what ``meg-harness tasks-path`` prints for ``lm_eval --include_path``."""
     return shipped_dir("tasks")
