@@ -88,7 +88,9 @@ def _config(tmp_path: Path, model: Path, encoder: str, cache: Path) -> Path:
 
 
 def _run(config: Path, out: Path, processes: int) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    # --standalone: a free port of this host for the rendezvous
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launcher = [*torchrun, f"--nproc_per_node={processes}"]
     command = [*(launcher if processes > 1 else [sys.executable]), "-m", "meg_harness.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(

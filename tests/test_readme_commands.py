@@ -63,7 +63,7 @@ class Rule:
 RULES = (  # the first rule that matches a line decides
     Rule(r"scripts/setup_venv\.sh", "skip", "sets up a fresh virtual environment (a fresh machine, minutes)"),
     Rule(r"^accelerate launch -m lm_eval", "skip", "lm-eval's multi-GPU launcher: needs GPUs"),
-    Rule(r"^torchrun --nproc_per_node 4", "skip", "a 4-GPU run: needs GPUs"),
+    Rule(r"^torchrun --standalone --nproc_per_node 4", "skip", "a 4-GPU run: needs GPUs"),
     Rule(
         r"^CUDA_VISIBLE_DEVICES= torchrun",
         "skip",
