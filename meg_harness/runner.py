@@ -158,22 +158,15 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
                 log(f"{method} seed {seed}: already done, skipped ({target})")
                 continue
             log(f"{method} seed {seed}: {len(cases)} edits")
-            clock = time.perf_counter()
-            with spread_over_ranks():  # the unedited answers (read back from the cache after one method)
-                labels = evaluator.locality_labels(unedited, cases, fingerprint)
-            labels_s = time.perf_counter() - clock
             editor = editor_classes[method](hparams[method])
             editor.cache_dir = cache_dir
             _run_one(
                 editor,
-                model,
-                tokenizer,
+                unedited,
                 cases,
                 template,
                 evaluator,
-                labels,
                 target,
-                dataset=config.dataset,
                 record={
                     "method": method,
                     "seed": seed,
@@ -184,7 +177,6 @@ def _run_experiment(config: RunConfig, out: Path, *, config_source: str, log: Lo
                     "model_family": adapter.family,
                 },
                 seed=seed,
-                labels_s=labels_s,
             )
             barrier()  # rank 0 has written the result
             log(f"{method} seed {seed}: " + _headline(read_metrics(target)))
@@ -275,25 +267,18 @@ def edit_requests(dataset: str, cases: list[EditCase]) -> list[EditCase]:
 
 
 def _run_one(
-    editor,
-    model,
-    tokenizer,
-    cases,
-    template,
-    evaluator,
-    labels,
-    target: Path,
-    *,
-    dataset,
-    record,
-    seed,
-    labels_s: float = 0.0,
+    editor, unedited: Edited, cases, template, evaluator, target: Path, *, record: dict, seed: int
 ) -> None:
     """Fit, score and save one method/seed; written to a temp folder, renamed into ``target`` at the end."""
+    model, tokenizer = unedited.model, unedited.tokenizer
+    clock = time.perf_counter()
+    with spread_over_ranks():  # the unedited answers (read back from the cache after one method)
+        labels = evaluator.locality_labels(unedited, cases, record["model_fingerprint"])
+    labels_s = time.perf_counter() - clock
     seed_everything(seed)
     started = time.perf_counter()
     with spread_over_ranks():
-        edited = editor.fit(model, tokenizer, edit_requests(dataset, cases), template)
+        edited = editor.fit(model, tokenizer, edit_requests(record["config"]["dataset"], cases), template)
     fitted = time.perf_counter()
     try:
         with spread_over_ranks():
