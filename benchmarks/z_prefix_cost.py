@@ -36,13 +36,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--prefixes", type=int, default=5)
     args = parser.parse_args()
-    hp = from_mapping(LocateHParams, _z_fields(load_hparams(args.hparams, "memit", args.hparams)), "memit")
-    model, tokenizer = load_model(args.model)
-    adapter = get_adapter(model)
-    template = get_template(adapter.default_template(model, tokenizer))
-    cases = load_cases("counterfact", args.data_path)[args.start : args.start + args.n]
-    z_layer = hp.layers[-1] % adapter.num_layers(model)
-    sites = [adapter.layer_module_tmp.format(z_layer)]
+    hp, model, tokenizer, template, cases, z_layer, sites = z_setup(args)
     prefixes = generate_prefixes(model, tokenizer, args.prefixes, hp.context_prefix_length, hp.seed)
     settings = {"none": [], f"{args.prefixes} prefixes": prefixes}
     seconds: dict[str, list[float]] = {name: [] for name in settings}
@@ -63,6 +57,18 @@ def main() -> None:
     ratio = statistics.fmean(seconds[f"{args.prefixes} prefixes"]) / statistics.fmean(seconds["none"])
     print(f"threads: {torch.get_num_threads()}  edits: {len(cases)}  z layer: {z_layer}")
     print(f"ratio_prefixes_vs_none: {ratio:.2f}")
+
+
+def z_setup(args: argparse.Namespace) -> tuple:
+    """From ``--hparams --model --data-path --start --n``: the file's z hyper-parameters, the model and
+    tokenizer, its query template, the CounterFact cases, the z layer and its site (the layer's output)."""
+    hp = from_mapping(LocateHParams, _z_fields(load_hparams(args.hparams, "memit", args.hparams)), "memit")
+    model, tokenizer = load_model(args.model)
+    adapter = get_adapter(model)
+    template = get_template(adapter.default_template(model, tokenizer))
+    cases = load_cases("counterfact", args.data_path)[args.start : args.start + args.n]
+    z_layer = hp.layers[-1] % adapter.num_layers(model)
+    return hp, model, tokenizer, template, cases, z_layer, [adapter.layer_module_tmp.format(z_layer)]
 
 
 def _z_fields(hparams: dict) -> dict:

@@ -297,14 +297,16 @@ def _targets(model, tok, z_batch_size: int, cache=None, method: str = "pmet"):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_value_optimisation_batched_and_layer_cached_equals_one_edit_at_a_time_on_full_forwards(
-    arch, monkeypatch
-):
-    from meg_harness.models.layer_cache import LayerCachedLM
+def test_value_optimisation_batched_on_suffixes_equals_one_edit_at_a_time_on_full_forwards(arch, monkeypatch):
+    import meg_harness.baselines.values as values
 
     model, tok = deep_model(arch)
+    checked = []
+    original = values.suffixes_agree
+    monkeypatch.setattr(values, "suffixes_agree", lambda *a: checked.append(original(*a)) or checked[-1])
     batched = _targets(model, tok, z_batch_size=3)
-    monkeypatch.setattr(LayerCachedLM, "agrees_with_full_forward", lambda *a, **k: False)
+    assert checked == [True]  # the batched run took the suffix path
+    monkeypatch.setattr(values, "suffixes_agree", lambda *a, **k: False)
     alone = _targets(model, tok, z_batch_size=1)
     assert batched.steps == alone.steps and len(batched.steps) == 3
     for site, target in alone.targets.items():

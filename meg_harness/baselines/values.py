@@ -5,9 +5,11 @@ Loss per edit = ``nll_factor * NLL(target | prompt rows) + kl_factor * KL(p || p
 + v_weight_decay * sum_site ||delta|| / ||init||^2``; Adam with ``v_lr``; after each step a delta is
 clamped to ``clamp_norm_factor * ||init||``; an edit stops once its loss is below ``v_loss_stop``.
 
-The layers below the last edited layer are frozen and come before every delta: their output is computed
-once per chunk and each step runs the model from that layer upward (checked against a full forward on the
-first step; a family where they differ uses full forwards).
+The layers below the last edited layer are frozen and come before every delta, and so are the positions
+before each row's subject in every layer: both are computed once per chunk, and each step runs only the rows'
+suffixes (from the subject on) from that layer upward, attending to the kept keys and values
+(:class:`~meg_harness.models.layer_cache.SplitRows`; checked against a full forward on the first step; a
+family where they differ uses full forwards).
 
 Batched over edits: each row of a batch belongs to one edit and receives only that edit's delta, and the
 loss is a sum of per-edit losses, so an edit's gradient (and Adam, which is element-wise) is the same as
@@ -17,6 +19,7 @@ when optimised alone. Finished edits leave the batch and keep their delta.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +33,11 @@ from tqdm.auto import tqdm
 from meg_harness.baselines.params import LocateHParams
 from meg_harness.baselines.plan import EditPlan, pad_id
 from meg_harness.cache import atomic_path
-from meg_harness.models.layer_cache import LayerCachedLM, right_pad_ids, target_index
+from meg_harness.models.layer_cache import LayerCachedLM, SplitRows, agree, right_pad_ids, target_index
 from meg_harness.models.nethook import TraceDict, model_device
 from meg_harness.ranks import map_shared
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,6 +158,7 @@ class _Step:
     kl_edit: torch.Tensor  # (A,) the edit of each KL row
     at_rows: torch.Tensor  # (N + A,) the reads: indices into ``rows``
     at_positions: torch.Tensor  # (N + A,) and positions
+    at_suffix_positions: torch.Tensor  # (N + A,) the positions counted from the row's subject
 
 
 def _step_rows(b: _Batch, active: torch.Tensor) -> _Step:
@@ -164,6 +170,8 @@ def _step_rows(b: _Batch, active: torch.Tensor) -> _Step:
     edits = active.nonzero().squeeze(1)  # (A,)
     keep = local[b.label_row] >= 0  # (L,) target tokens of active edits
     kl_rows = rows[b.is_kl[rows]]  # (A,) batch rows
+    at_rows = torch.cat([local[b.label_row[keep]], local[kl_rows]])  # (N + A,)
+    at_positions = torch.cat([b.label_pos[keep], b.look[kl_rows]])  # (N + A,)
     return _Step(
         rows=rows,
         ids=b.ids[rows, :width],
@@ -176,8 +184,9 @@ def _step_rows(b: _Batch, active: torch.Tensor) -> _Step:
         label_edit=b.edit[b.label_row[keep]],
         label_id=b.label_id[keep],
         kl_edit=b.edit[kl_rows],
-        at_rows=torch.cat([local[b.label_row[keep]], local[kl_rows]]),
-        at_positions=torch.cat([b.label_pos[keep], b.look[kl_rows]]),
+        at_rows=at_rows,
+        at_positions=at_positions,
+        at_suffix_positions=at_positions - b.look[rows][at_rows],
     )
 
 
@@ -247,11 +256,13 @@ class _Deltas:
     :class:`TraceDict` over the sites that adds them: an edit's delta goes to the site's output at the subject
     of each of its rows (of :attr:`step`). The first call per site (step 0: every edit active, every delta
     zero) records :attr:`init`, the site's output at each bare prompt's subject; each call records
-    :attr:`observed`, that output with the deltas added."""
+    :attr:`observed`, that output with the deltas added. With :attr:`suffixes` the outputs are of the rows'
+    suffixes, which start at the subject."""
 
     def __init__(self, b: _Batch) -> None:
-        self.bare_row, self.bare_look = b.bare_row, b.look[b.bare_row]  # (n,) each
+        self.bare_row = b.bare_row  # (n,)
         self.step: _Step | None = None
+        self.suffixes = False
         self.init: dict[str, torch.Tensor] = {}  # (n, D)
         self.delta: dict[str, torch.Tensor] = {}  # (n, D), requires grad
         self.observed: dict[str, torch.Tensor] = {}  # (n, D), of this step
@@ -260,15 +271,18 @@ class _Deltas:
 
     def __call__(self, name: str, out: torch.Tensor, _input: torch.Tensor) -> torch.Tensor:
         step = self.step  # out: (R', W', D)
-        if name not in self.init:
-            self.init[name] = out[self.bare_row, self.bare_look].detach().float()  # (n, D)
+        row_look, bare_look = step.row_look, step.bare_look
+        if self.suffixes:
+            row_look, bare_look = torch.zeros_like(row_look), torch.zeros_like(bare_look)
+        if name not in self.init:  # step 0: every edit is active
+            self.init[name] = out[step.bare_rows, bare_look].detach().float()  # (n, D)
             self.delta[name] = torch.zeros_like(self.init[name], requires_grad=True)
         add = torch.zeros_like(out)  # (R', W', D)
-        subject = torch.arange(len(step.rows), device=out.device), step.row_look
+        subject = torch.arange(len(step.rows), device=out.device), row_look
         add[subject] = self.delta[name][step.row_edit].to(out.dtype)  # (R', D) at the subjects
         edited = out + add  # (R', W', D)
         observed = self.observed.setdefault(name, self.init[name].clone())
-        observed[step.edits] = edited[step.bare_rows, step.bare_look].detach().float()  # (A, D)
+        observed[step.edits] = edited[step.bare_rows, bare_look].detach().float()  # (A, D)
         return edited
 
     def decay(self, sites: Sequence[str]) -> torch.Tensor:
@@ -323,14 +337,32 @@ class _Objective:
         return nll, misses == 0, kl
 
 
-def _step_logits(lm: LayerCachedLM, states: torch.Tensor, step: _Step, layer_cached: bool) -> torch.Tensor:
-    """float32 logits ``(N + A, V)`` at the step's reads (with the site hooks in place): from the cached
-    states ``(R, W, H)`` entering layer L upward, or by full forwards."""
-    if layer_cached:
-        width = step.ids.shape[1]
-        logits = lm.logits(states[step.rows, :width], step.mask, step.at_rows, step.at_positions)
+def _step_logits(
+    lm: LayerCachedLM, rows_split: SplitRows, step: _Step, deltas: _Deltas, suffixes: bool
+) -> torch.Tensor:
+    """float32 logits ``(N + A, V)`` at the step's reads (with the site hooks in place): from the rows'
+    suffixes and their kept past, or by full forwards."""
+    deltas.suffixes = suffixes
+    if suffixes:
+        logits = lm.split_logits(rows_split, step.rows, step.at_rows, step.at_suffix_positions)
         return _softcapped(lm.model, logits)
     return logits_at(lm.model, step.ids, step.mask, step.at_rows, step.at_positions)
+
+
+@torch.no_grad()
+def suffixes_agree(lm: LayerCachedLM, rows_split: SplitRows, step: _Step, deltas: _Deltas) -> bool:
+    """Whether the suffix logits equal a full forward's at the step's reads (under the hooks in place)."""
+    full = _step_logits(lm, rows_split, step, deltas, suffixes=False)
+    agrees, diff = agree(_step_logits(lm, rows_split, step, deltas, suffixes=True), full)
+    if not agrees:
+        log.warning(
+            "suffix forward of the %s model differs from the full forward by %.3g at layer %d; using full "
+            "forwards instead",
+            lm.adapter.family,
+            diff,
+            lm.layer,
+        )
+    return agrees
 
 
 def _optimise_chunk(
@@ -351,19 +383,16 @@ def _optimise_chunk(
     nll_last = torch.zeros(n)
     steps = [0] * n
     opt = None
-    states = lm.layer_inputs(
-        b.ids, b.mask
-    )  # (R, W, H): the layers below are frozen and come before every delta
-    layer_cached = None
+    # the layers below and the positions before each subject are frozen and come before every delta
+    rows_split = lm.split_rows(lm.layer_inputs(b.ids, b.mask), b.lengths, b.look)
+    suffixes = None
     for it in range(hp.v_num_grad_steps):
         step = deltas.step = _step_rows(b, active)
-        if layer_cached is None:
+        if suffixes is None:
             with TraceDict(model, sites, edit_output=deltas):  # checked with zero deltas
-                layer_cached = lm.agrees_with_full_forward(
-                    step.ids, step.mask, step.at_rows, step.at_positions
-                )
+                suffixes = suffixes_agree(lm, rows_split, step, deltas)
         with torch.enable_grad(), TraceDict(model, sites, edit_output=deltas):
-            logits = _step_logits(lm, states, step, layer_cached)  # (N + A, V)
+            logits = _step_logits(lm, rows_split, step, deltas, suffixes)  # (N + A, V)
             if opt is None:
                 opt = torch.optim.Adam([deltas.delta[s] for s in sites], lr=hp.v_lr)
             nll, all_argmax, kl = objective(logits, step)  # (n,) each

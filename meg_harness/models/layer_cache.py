@@ -1,15 +1,20 @@
 """The frozen LM run from one layer upward on cached hidden states: the layers below an edited layer are
 frozen and their input never changes, so an optimisation loop computes their output once and runs only the
-rest of the model each step (MeG's knowledge-weight collection, FT)."""
+rest of the model each step (MeG's knowledge-weight collection, FT). Where the edit enters at one position
+per row (the baselines' z optimisation), the positions before it are frozen in every layer too: their keys
+and values are computed once and each step runs only the rows' suffixes (:class:`SplitRows`)."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from meg_harness.models.adapters import ArchitectureAdapter, get_adapter
 from meg_harness.models.nethook import Trace
@@ -17,6 +22,51 @@ from meg_harness.models.nethook import Trace
 log = logging.getLogger(__name__)
 
 VERIFY_RTOL = 1e-4  # layer-cached vs full logits, relative to the largest logit
+
+
+@dataclass
+class SplitRows:
+    """Rows split at per-row positions ``split``: the positions before ``split[r]`` (no edit reaches them)
+    kept as the keys and values of ``layers[L:]``, right-aligned in width ``P = max(split)``; the states
+    entering layer L from ``split[r]`` on, left-aligned in width ``S``. Attention over ``[past | suffix]``
+    with the padding masked is the full row's causal attention (the left-padded batches of generation)."""
+
+    past: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer index -> keys, values (R, heads, P, d)
+    states: torch.Tensor  # (R, S, H)
+    split: torch.Tensor  # (R,) where each row's suffix starts
+    suffix_len: torch.Tensor  # (R,)
+
+
+class _RecordingCache(DynamicCache):
+    """A :class:`DynamicCache` that also keeps each layer's keys and values by layer index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.recorded[layer_idx] = (key_states, value_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def _cache_kwarg(decoder: nn.Module) -> str:
+    """The decoder's keyword for a KV cache (``cache`` from transformers 5.2x, ``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _gather_positions(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` with ``dim`` re-indexed per row by ``index`` ``(R, K)`` (rows are ``x``'s first dimension)."""
+    shape = [index.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = index.shape[1]
+    expand = list(x.shape)
+    expand[dim] = index.shape[1]
+    return x.gather(dim, index.view(shape).expand(expand))
+
+
+def agree(cached: torch.Tensor, full: torch.Tensor, rtol: float = VERIFY_RTOL) -> tuple[bool, float]:
+    """Whether cached logits equal full-forward ones within ``rtol`` of the largest logit; the difference."""
+    diff = (cached.float() - full.float()).abs().max().item()
+    return diff <= rtol * max(1.0, full.abs().max().item()), diff
 
 
 class LayerCachedLM:
@@ -123,8 +173,7 @@ class LayerCachedLM:
         cache: callers fall back to full forwards and log it."""
         cached = self.logits(self.layer_inputs(input_ids, attention_mask), attention_mask, rows, positions)
         full = self.full_logits(input_ids, attention_mask, rows, positions)
-        diff = (cached.float() - full.float()).abs().max().item()
-        agrees = diff <= rtol * max(1.0, full.abs().max().item())
+        agrees, diff = agree(cached, full, rtol)
         if not agrees:
             log.warning(
                 "layer-cached forward of the %s model differs from the full forward by %.3g at layer %d; "
@@ -134,6 +183,65 @@ class LayerCachedLM:
                 self.layer,
             )
         return agrees
+
+    @torch.no_grad()
+    def split_rows(self, layer_inputs: torch.Tensor, lengths: torch.Tensor, split: torch.Tensor) -> SplitRows:
+        """Split right-padded rows (states ``[R, W, H]`` entering layer L, real ``lengths``) at ``split``
+        ``(R,)``: one forward of ``layers[L:]`` records the keys and values of every position."""
+        width = layer_inputs.shape[1]
+        mask = (torch.arange(width, device=lengths.device)[None] < lengths[:, None]).long()  # (R, W)
+        recorder = _RecordingCache()
+        with self.truncated() as decoder:
+            decoder(
+                inputs_embeds=layer_inputs,
+                attention_mask=mask,
+                use_cache=True,
+                **{_cache_kwarg(decoder): recorder},
+            )
+        p = int(split.max())
+        suffix_len = lengths - split  # (R,)
+        s = int(suffix_len.max())
+        past_at = (torch.arange(p, device=split.device)[None] - (p - split)[:, None]).clamp(min=0)  # (R, P)
+        suffix_at = (split[:, None] + torch.arange(s, device=split.device)[None]).clamp(
+            max=width - 1
+        )  # (R, S)
+        past = {
+            i: (_gather_positions(k, past_at, 2), _gather_positions(v, past_at, 2))  # (R, heads, P, d) each
+            for i, (k, v) in recorder.recorded.items()
+        }
+        return SplitRows(past, _gather_positions(layer_inputs, suffix_at, 1), split, suffix_len)
+
+    def split_logits(
+        self, rows_split: SplitRows, rows: torch.Tensor, read_rows: torch.Tensor, read_positions: torch.Tensor
+    ) -> torch.Tensor:
+        """LM logits ``[N, V]`` of the suffixes of the batch rows ``rows`` ``(R',)`` at ``(read_rows,
+        read_positions)`` (indices into ``rows``; positions counted from each row's split), computed from
+        layer L upward with the past's keys and values (the layers below L get placeholders of the past's
+        length: they are not run)."""
+        sr = rows_split
+        split, suffix_len = sr.split[rows], sr.suffix_len[rows]  # (R',)
+        p, s = int(split.max()), int(suffix_len.max())
+        full_p = next(iter(sr.past.values()))[0].shape[2]  # the past's width over every row
+        past_cols = torch.arange(p, device=rows.device)[None] >= (p - split)[:, None]  # (R', P)
+        suffix_cols = torch.arange(s, device=rows.device)[None] < suffix_len[:, None]  # (R', S)
+        mask = torch.cat([past_cols, suffix_cols], 1).long()  # (R', P + S)
+        positions = split[:, None] + torch.arange(s, device=rows.device)[None]  # (R', S)
+        cache = DynamicCache()
+        placeholder = sr.states.new_zeros(len(rows), 1, p, 1)
+        for i in range(max(sr.past) + 1):
+            keys, values = sr.past.get(i, (placeholder, placeholder))
+            if i in sr.past:
+                keys, values = keys[rows, :, full_p - p :], values[rows, :, full_p - p :]
+            cache.update(keys, values, i)
+        with self.truncated() as decoder:
+            out = decoder(
+                inputs_embeds=sr.states[rows, :s],
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{_cache_kwarg(decoder): cache},
+            )
+        return self.head(out[0][read_rows, read_positions])
 
 
 def right_pad(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
