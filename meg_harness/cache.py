@@ -1,9 +1,11 @@
 """On-disk cache keyed by content hash, and the atomic file writing every module uses (temp file beside
-the target, then rename): :func:`atomic_path`, :func:`atomic_write_text`, :func:`atomic_write_bytes`."""
+the target, then rename): :func:`atomic_path`, :func:`atomic_write_text`, :func:`atomic_write_bytes`;
+:func:`exclusive` lets one process compute an entry while another that needs it waits."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -41,6 +43,21 @@ def atomic_path(path: str | os.PathLike, *, mode: int | None = None, suffix: str
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created) for the block, waiting while another process
+    holds it: two runs that need the same expensive cache entry compute it once (the second re-reads the
+    cache inside the block). The operating system releases the lock when its holder exits."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -71,6 +71,35 @@ def test_statistics_are_cached_per_layer_and_reused(tmp_path, monkeypatch):
     assert len(list((tmp_path / "layer_stats").glob("*.safetensors"))) == 4  # n is part of the key
 
 
+def test_a_run_needing_statistics_another_is_computing_waits_and_reads_them(tmp_path, monkeypatch):
+    import threading
+
+    from meg_harness.cache import exclusive
+
+    model, tok = deep_model("gpt2")
+    hp = StatsHParams(mom2_n_samples=10, mom2_max_length=16)
+    calls = []
+    original = stats_module._accumulate
+    monkeypatch.setattr(stats_module, "_accumulate", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    first = layer_second_moments(model, tok, [1], hp, cache_dir=tmp_path, progress=False)
+    entry = next((tmp_path / "layer_stats").glob("*.safetensors"))
+    moved = entry.rename(tmp_path / "computed.safetensors")  # as if another run is still computing it
+    waited = {}
+    with exclusive(entry.with_suffix(".lock")):  # that other run holds the entry's lock
+        waiter = threading.Thread(
+            target=lambda: waited.update(
+                layer_second_moments(model, tok, [1], hp, cache_dir=tmp_path, progress=False)
+            )
+        )
+        waiter.start()
+        waiter.join(timeout=2.0)
+        assert waiter.is_alive()  # blocked on the lock, not computing
+        moved.rename(entry)  # the other run saves its result and releases the lock
+    waiter.join(timeout=60)
+    assert len(calls) == 1  # computed once, by the first call
+    assert torch.equal(waited[1].total, first[1].total)
+
+
 def test_second_moment_save_load_roundtrip(tmp_path):
     stat = SecondMoment.zeros(3, torch.float64)
     stat.update(torch.arange(6.0).reshape(2, 3))

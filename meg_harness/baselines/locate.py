@@ -196,17 +196,19 @@ class LocateThenEdit(Editor):
         check_value_layer(layers, adapter.num_layers(model))
         self._fingerprint = None  # the model given now, unedited
         with frozen(model):
-            started = time.perf_counter()
-            stats = self.statistics(model, tokenizer, layers) if self.uses_stats() else {}
-            stats_s = time.perf_counter() - started
             prefixes = self.context_prefixes(model, tokenizer)
             plans = build_plans(
                 tokenizer, cases, template, prefixes, self.hp.kl_prompt, terminator=self.hp.terminator
             )
             z_layer = layers[-1]
             clock = time.perf_counter()
+            # z before the statistics: its chunks are cached as they finish, so a run stopped part-way keeps
+            # its most expensive work
             values = self.values(model, tokenizer, plans, self.value_sites(adapter, z_layer), z_layer)
             z_s = time.perf_counter() - clock
+            started = time.perf_counter()
+            stats = self.statistics(model, tokenizer, layers) if self.uses_stats() else {}
+            stats_s = time.perf_counter() - started
             clock = time.perf_counter()
             delta = WeightDelta()
             try:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from meg_harness.baselines.corpus import corpus_id, iter_corpus
 from meg_harness.baselines.params import StatsHParams
 from meg_harness.baselines.plan import pad_id
-from meg_harness.cache import atomic_path, content_hash, default_cache_dir
+from meg_harness.cache import atomic_path, content_hash, default_cache_dir, exclusive
 from meg_harness.errors import HarnessError
 from meg_harness.models.adapters import get_adapter
 from meg_harness.models.layer_cache import right_pad_ids
@@ -130,13 +130,24 @@ def layer_second_moments(
             )
     found = {layer: SecondMoment.load(p) for layer, p in paths.items() if p.is_file()}
     missing = [layer for layer in modules if layer not in found]
-    if missing:
-        computed = _accumulate(model, tokenizer, {m: modules[m] for m in missing}, hp, start, progress)
-        for layer, stat in computed.items():
-            if use_cache:
-                stat.save(paths[layer])
-            found[layer] = stat
+    if missing and use_cache:
+        # another run computing the same statistics is waited for, and its result read
+        with exclusive(paths[missing[0]].with_suffix(".lock")):
+            found |= {layer: SecondMoment.load(paths[layer]) for layer in missing if paths[layer].is_file()}
+            missing = [layer for layer in modules if layer not in found]
+            found |= _compute(model, tokenizer, {m: modules[m] for m in missing}, hp, start, progress, paths)
+    elif missing:
+        found |= _compute(model, tokenizer, {m: modules[m] for m in missing}, hp, start, progress, {})
     return {layer: found[layer] for layer in layers}
+
+
+def _compute(model, tokenizer, modules: dict[int, str], hp: StatsHParams, start: int, progress: bool, paths):
+    """:func:`_accumulate` for ``modules`` (none: nothing), each result saved to ``paths[layer]`` if given."""
+    computed = _accumulate(model, tokenizer, modules, hp, start, progress) if modules else {}
+    for layer, stat in computed.items():
+        if layer in paths:
+            stat.save(paths[layer])
+    return computed
 
 
 @torch.no_grad()
