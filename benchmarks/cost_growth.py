@@ -9,7 +9,8 @@ dev records (``counterfact-edit.json`` 0-7999) followed by ``counterfact-train.j
 MALMEN meta-trains on the train file, MeG's familiarity negatives come from it. Each method uses its
 shipped SmolLM2 hparams file with only what a 2-layer model needs changed (``OVERRIDES``); stages whose work
 does not depend on the edits (layer statistics, MeG's generator steps, MALMEN's meta-steps) are shortened,
-their time is printed but they are constant by construction.
+their time is printed but they are constant by construction; MeG's familiarity network trains a fixed 30
+epochs at every size (each epoch is a pass over the edits; when it stops early depends on the data).
 
 Per stage: seconds at each size and the exponent ``b`` of the least-squares fit ``seconds = a * n**b``
 (the issue's goal: ``b <= 1.15``; 2 is quadratic). Per method: the run's peak RSS at each size and its
@@ -38,7 +39,12 @@ METHODS = ("none", "meg", "memit", "alphaedit", "pmet", "ft", "malmen")
 DEV_RECORDS = 8000  # counterfact-edit.json indices 0-7999 (data/README.md: 8000-9999 are reserved)
 TINY_LAYERS = {"memit": [0], "alphaedit": [0], "pmet": [0], "ft": [1], "malmen": [0, 1]}  # z below the last
 OVERRIDES = {  # what a 2-layer model needs, and constant-cost stages shortened
-    "meg": {"layer": 1, "encoder": {"tuning": "frozen"}, "train": {"max_steps": 200, "eval_every": 200}},
+    "meg": {
+        "layer": 1,
+        "encoder": {"tuning": "frozen"},
+        "familiarity": {"max_epochs": 30, "loss_tol": 0.0},
+        "train": {"max_steps": 200, "eval_every": 200},
+    },
     "memit": {"mom2_n_samples": 256},
     "alphaedit": {"mom2_n_samples": 256},
     "pmet": {"mom2_n_samples": 256},
@@ -87,7 +93,7 @@ def run(model: Path, method: str, n: int, edits: Path, out: Path, root: Path, da
         "one_per_subject": False,
         "methods": [method],
         "hparams": {method: hparams(method, data)} if method != "none" else {},
-        "cache_dir": str(out / "cache"),
+        "cache_dir": str(folder / "cache"),  # per size: a larger size must not read a smaller one's chunks
     }
     path = out / f"n{n}-{method}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -158,6 +158,7 @@ class MegEditor(Editor):
                 num_classes=f.num_classes,
                 lr=f.lr,
                 max_epochs=f.max_epochs,
+                loss_tol=f.loss_tol,
                 negatives=negatives,
                 negative_weight=f.negative_weight,
             )

@@ -5,7 +5,7 @@
     layer: 12                      # the FFN that gets the dynamic neuron
     encoder:     {name, tuning: infonce|mse|frozen, pairs, pairs_format, max_pairs, lr, epochs, tau,
                   batch_size}
-    familiarity: {enabled, threshold, hidden, n_blocks, num_classes, lr, max_epochs, negatives,
+    familiarity: {enabled, threshold, hidden, n_blocks, num_classes, lr, max_epochs, loss_tol, negatives,
                   negative_weight}
     collect:     CollectHParams fields (layer comes from the top level)
     generator:   GeneratorConfig fields or a preset (DiT-B, DiT-S, DiT-T, DiT-CPU, MLP)
@@ -90,6 +90,7 @@ class FamiliaritySettings(Settings):
     num_classes: int = 10
     lr: float = 1e-3
     max_epochs: int = 1000
+    loss_tol: float = 1e-4  # training stops at 100% train accuracy and a mean loss below this (0: never)
     negatives: int = 0
     negative_weight: float = 1.0
 
@@ -100,6 +101,7 @@ class FamiliaritySettings(Settings):
         "num_classes": at_least(2),
         "lr": POSITIVE,
         "max_epochs": POSITIVE,
+        "loss_tol": NON_NEGATIVE,
         "negatives": NON_NEGATIVE,
         "negative_weight": NON_NEGATIVE,
     }
