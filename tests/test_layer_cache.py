@@ -48,3 +48,14 @@ def test_suffix_logits_and_gradients_equal_the_full_forward(arch):
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cached_grad, full_grad, atol=1e-5, rtol=1e-4)
     assert len(lm.adapter.layers(model)) == model.config.num_hidden_layers  # restored
+
+
+def test_rows_split_at_their_first_position_have_no_past():
+    model, _ = deep_model("llama")
+    lm = LayerCachedLM(model, 2)
+    ids, mask = right_pad_ids(SEQS, 0)
+    split = torch.zeros(len(SEQS), dtype=torch.long)  # e.g. a one-token subject that starts the prompt
+    rows_split = lm.split_rows(lm.layer_inputs(ids, mask), mask.sum(1), split)
+    cached = lm.split_logits(rows_split, ROWS, READ_ROWS, READ_AT)
+    full = lm.full_logits(ids, mask, READ_ROWS, READ_AT)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
