@@ -10,6 +10,7 @@ max length, dtype); a sum and a count are stored, so statistics of disjoint part
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -130,24 +131,23 @@ def layer_second_moments(
             )
     found = {layer: SecondMoment.load(p) for layer, p in paths.items() if p.is_file()}
     missing = [layer for layer in modules if layer not in found]
-    if missing and use_cache:
-        # another run computing the same statistics is waited for, and its result read
-        with exclusive(paths[missing[0]].with_suffix(".lock")):
-            found |= {layer: SecondMoment.load(paths[layer]) for layer in missing if paths[layer].is_file()}
+    if missing:
+        # with a cache, a run computing the same statistics is waited for, and its result read
+        lock = exclusive(paths[missing[0]].with_suffix(".lock")) if use_cache else contextlib.nullcontext()
+        with lock:
+            found |= {
+                layer: SecondMoment.load(p)
+                for layer, p in paths.items()
+                if layer not in found and p.is_file()
+            }
             missing = [layer for layer in modules if layer not in found]
-            found |= _compute(model, tokenizer, {m: modules[m] for m in missing}, hp, start, progress, paths)
-    elif missing:
-        found |= _compute(model, tokenizer, {m: modules[m] for m in missing}, hp, start, progress, {})
+            modules_left = {layer: modules[layer] for layer in missing}
+            computed = _accumulate(model, tokenizer, modules_left, hp, start, progress) if missing else {}
+            for layer, stat in computed.items():
+                if use_cache:
+                    stat.save(paths[layer])
+                found[layer] = stat
     return {layer: found[layer] for layer in layers}
-
-
-def _compute(model, tokenizer, modules: dict[int, str], hp: StatsHParams, start: int, progress: bool, paths):
-    """:func:`_accumulate` for ``modules`` (none: nothing), each result saved to ``paths[layer]`` if given."""
-    computed = _accumulate(model, tokenizer, modules, hp, start, progress) if modules else {}
-    for layer, stat in computed.items():
-        if layer in paths:
-            stat.save(paths[layer])
-    return computed
 
 
 @torch.no_grad()

@@ -19,7 +19,6 @@ when optimised alone. Finished edits leave the batch and keep their delta.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +32,9 @@ from tqdm.auto import tqdm
 from meg_harness.baselines.params import LocateHParams
 from meg_harness.baselines.plan import EditPlan, pad_id
 from meg_harness.cache import atomic_path
-from meg_harness.models.layer_cache import LayerCachedLM, SplitRows, agree, right_pad_ids, target_index
+from meg_harness.models.layer_cache import LayerCachedLM, SplitRows, right_pad_ids, target_index
 from meg_harness.models.nethook import TraceDict, model_device
 from meg_harness.ranks import map_shared
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -353,16 +350,7 @@ def _step_logits(
 def suffixes_agree(lm: LayerCachedLM, rows_split: SplitRows, step: _Step, deltas: _Deltas) -> bool:
     """Whether the suffix logits equal a full forward's at the step's reads (under the hooks in place)."""
     full = _step_logits(lm, rows_split, step, deltas, suffixes=False)
-    agrees, diff = agree(_step_logits(lm, rows_split, step, deltas, suffixes=True), full)
-    if not agrees:
-        log.warning(
-            "suffix forward of the %s model differs from the full forward by %.3g at layer %d; using full "
-            "forwards instead",
-            lm.adapter.family,
-            diff,
-            lm.layer,
-        )
-    return agrees
+    return lm.agree(_step_logits(lm, rows_split, step, deltas, suffixes=True), full, "suffix")
 
 
 def _optimise_chunk(

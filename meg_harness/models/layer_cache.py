@@ -63,12 +63,6 @@ def _gather_positions(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.T
     return x.gather(dim, index.view(shape).expand(expand))
 
 
-def agree(cached: torch.Tensor, full: torch.Tensor, rtol: float = VERIFY_RTOL) -> tuple[bool, float]:
-    """Whether cached logits equal full-forward ones within ``rtol`` of the largest logit; the difference."""
-    diff = (cached.float() - full.float()).abs().max().item()
-    return diff <= rtol * max(1.0, full.abs().max().item()), diff
-
-
 class LayerCachedLM:
     """The frozen LM run from layer ``layer`` upward, on the hidden states that enter that layer.
 
@@ -173,11 +167,18 @@ class LayerCachedLM:
         cache: callers fall back to full forwards and log it."""
         cached = self.logits(self.layer_inputs(input_ids, attention_mask), attention_mask, rows, positions)
         full = self.full_logits(input_ids, attention_mask, rows, positions)
-        agrees, diff = agree(cached, full, rtol)
+        return self.agree(cached, full, "layer-cached", rtol)
+
+    def agree(self, cached: torch.Tensor, full: torch.Tensor, what: str, rtol: float = VERIFY_RTOL) -> bool:
+        """Whether ``cached`` logits equal the ``full`` forward's within ``rtol`` of the largest logit; a
+        difference is logged (``what``: the cached forward's name), callers then use full forwards."""
+        diff = (cached.float() - full.float()).abs().max().item()
+        agrees = diff <= rtol * max(1.0, full.abs().max().item())
         if not agrees:
             log.warning(
-                "layer-cached forward of the %s model differs from the full forward by %.3g at layer %d; "
+                "%s forward of the %s model differs from the full forward by %.3g at layer %d; "
                 "using full forwards instead",
+                what,
                 self.adapter.family,
                 diff,
                 self.layer,
