@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -144,6 +146,27 @@ def test_encode_shape_determinism_and_save_load_roundtrip(tiny_encoder, tmp_path
     assert torch.equal(loaded.encode(texts, batch_size=2), first)
     assert loaded.fingerprint() == tiny_encoder.fingerprint()
     assert torch.equal(load_text_encoder(tmp_path / "enc").encode(texts, batch_size=2), first)
+
+
+def test_tiny_encoder_vocabulary_is_the_ordered_one():
+    encoder = make_tiny_text_encoder(["B a ab", "ab ab"], hidden=8)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    expected = [*specials, "a", "b", "##a", "##b", "ab"]  # characters, continuations, words by frequency
+    assert encoder.tokenizer.get_vocab() == {token: i for i, token in enumerate(expected)}
+    assert encoder.tokenizer.tokenize("ba ab zz") == ["b", "##a", "ab", "[UNK]"]
+
+
+def test_tiny_encoder_is_the_same_in_every_process():
+    # tokenizers' WordPieceTrainer gave a different vocabulary in each process (6 of 6 differed), and so a
+    # different seeded encoder: a tiny MeG fit's generator L2 varied from run to run (it once failed a test)
+    script = (
+        "import hashlib, json; from meg_harness.meg.encoder import make_tiny_text_encoder as make; "
+        "e = make(); vocab = json.dumps(sorted(e.tokenizer.get_vocab().items())).encode(); "
+        "print(hashlib.md5(vocab).hexdigest(), float(e.encode(['the capital of France is']).sum()))"
+    )
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True) for _ in range(2)]
+    assert [run.returncode for run in runs] == [0, 0], runs[0].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
 
 
 def test_retrieval_accuracy_hand_case():

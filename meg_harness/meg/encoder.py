@@ -187,10 +187,11 @@ def retrieval_accuracy_from_embeddings(
 def make_tiny_text_encoder(
     corpus: Sequence[str] | None = None, *, seed: int = 0, hidden: int = 32, init_range: float = 0.1
 ) -> TextEncoder:
-    """A tiny random BERT (2 layers) with a WordPiece tokenizer trained offline on ``corpus`` (default: the
+    """A tiny random BERT (2 layers) with a WordPiece tokenizer built offline from ``corpus`` (default: the
     package's tiny corpus), for tests and CPU smoke runs. No dropout, and ``init_range`` above BERT's 0.02:
-    the random model's [CLS] output differs little between texts, and so it learns in a few steps."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    the random model's [CLS] output differs little between texts, and so it learns in a few steps. The same
+    arguments give the same encoder in every process (vocabulary and weights)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     if corpus is None:
@@ -198,14 +199,13 @@ def make_tiny_text_encoder(
 
         corpus = tiny_corpus().splitlines()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = [
+        word for line in corpus for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
+    ]
+    tok = Tokenizer(models.WordPiece(_ordered_wordpiece_vocab(words, specials), unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=1000, min_frequency=1, special_tokens=specials, show_progress=False
-    )
-    tok.train_from_iterator(list(corpus), trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -237,3 +237,18 @@ def make_tiny_text_encoder(
         model = BertModel(config)
     model.eval()
     return TextEncoder(model, tokenizer, name=f"tiny-bert-{hidden}-seed{seed}")
+
+
+def _ordered_wordpiece_vocab(words: list[str], specials: list[str], size: int = 1000) -> dict[str, int]:
+    """A WordPiece vocabulary in a fixed order: the special tokens, every character of ``words`` alone and
+    as a continuation (sorted), then the words by frequency (ties alphabetical) up to ``size`` tokens.
+    tokenizers' ``WordPieceTrainer`` numbers continuation pieces in hash-map order, so its vocabulary (and
+    with it a seeded model's embedding of each word) differs between processes (tokenizers issue 1794)."""
+    from collections import Counter
+
+    counts = Counter(words)
+    chars = sorted({char for word in counts for char in word})
+    tokens = [*specials, *chars, *(f"##{char}" for char in chars)]
+    frequent = sorted((word for word in counts if len(word) > 1), key=lambda word: (-counts[word], word))
+    tokens += frequent[: max(0, size - len(tokens))]
+    return {token: index for index, token in enumerate(tokens)}
