@@ -386,3 +386,41 @@ def test_dev_and_reserved_edit_ranges_are_separate_settings(tmp_path):
     ablation = (tmp_path / "out" / "ablation_meg_counterfact_smollm2-135m_n4_r0-8000.md").read_text()
     assert "43.50" not in ablation and "61.50" in ablation and "52.50" in ablation
     assert not (tmp_path / "out" / "ablation_meg_counterfact_smollm2-135m_n4_r8000-10000.md").exists()
+
+
+def _meg_seed(root: Path, n_edits: int, routed_rephrases: int, routed_locality: int) -> None:
+    """A MeG seed folder with its fit section and items: 4 probes per kind, AG true for the first 3."""
+    folder = _seed(root, f"n{n_edits}", "meg", 0, [90.0] * len(KEYS), n_edits=n_edits, range=[0, 100])
+    record = json.loads((folder / "metrics.json").read_text())
+    record["fit"] = {
+        "collection": {"success_rate": 75.0, "mean_steps": 12.5},
+        "generator": {"steps": 600, "evaluations": [{"l2_mean": 3.0}, {"l2_mean": 1.25}]},
+    }
+    (folder / "metrics.json").write_text(json.dumps(record))
+    routed = {"edit": 4, "rephrase": routed_rephrases, "locality": routed_locality}
+    items = [
+        {"kind": kind, "ag": i < 3, "tf": 1.0, "routed": i < routed[kind]}
+        for kind in routed
+        for i in range(4)
+    ]
+    (folder / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+
+
+def test_meg_stages_table_by_scale(tmp_path):
+    _meg_seed(tmp_path, 8, routed_rephrases=4, routed_locality=0)
+    _meg_seed(tmp_path, 16, routed_rephrases=2, routed_locality=1)
+    _seed(tmp_path, "n16", "memit", 0, [50.0] * len(KEYS), n_edits=16, range=[0, 100])  # not MeG: no row
+    write_tables(tmp_path, tmp_path / "tables")
+    text = (tmp_path / "tables" / "meg_stages_counterfact_smollm2-135m_r0-100.md").read_text()
+    rows = {
+        line.split(" | ")[0]: line
+        for line in text.splitlines()
+        if line.startswith("| 8 ") or line.startswith("| 16 ")
+    }
+    metrics = "| meg | 90.00 | 90.00 | 90.00 | 90.00 "
+    stages = "| 75.00 | 12.50 | 1.25 | 600 "  # collected, mean steps, the LAST evaluation's L2, steps
+    # routed % edit / rephrase / locality, then AG among the routed rephrases and locality probes
+    # (AG holds for the first 3 of 4 probes of each kind)
+    assert rows["| 8"] == f"| 8 {metrics}{stages}| 100.00 | 100.00 | 0.00 | 75.00 | – |"
+    assert rows["| 16"] == f"| 16 {metrics}{stages}| 100.00 | 50.00 | 25.00 | 100.00 | 100.00 |"
+    assert "memit" not in text

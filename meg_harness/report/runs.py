@@ -83,6 +83,7 @@ class RunResult:
     run: str  # the run folder, relative to the scanned folder (POSIX)
     hparams: Mapping[str, Any] = field(default_factory=dict, compare=False)
     starts_with: Mapping[str, float] = field(default_factory=dict, compare=False)  # per probe kind
+    seed_folders: tuple[Path, ...] = field(default=(), compare=False)  # () for a seed-averaged file
 
     @property
     def model(self) -> str:
@@ -199,6 +200,7 @@ def _from_seeds(directory: Path, folder: Path, files: list[tuple[Path, dict]]) -
         _run_name(directory, folder),
         hparams if isinstance(hparams, dict) else {},
         starts_with_rates([data for _, data in files]),
+        tuple(path.parent for path, _ in files),
     )
 
 

@@ -22,6 +22,7 @@ from meg_harness.report.editing_tables import alphaedit_tables, editing_tables
 from meg_harness.report.eval_tables import general_tables, mquake_tables, unke_tables
 from meg_harness.report.figures import layer_figures, scale_figures, threshold_figures
 from meg_harness.report.lmeval_results import EvalResult, collect_eval_results, native_eval_results
+from meg_harness.report.meg_stages import meg_stage_tables
 from meg_harness.report.outputs import Built, Output, Skipped
 from meg_harness.report.runs import RunResult, collect_runs
 from meg_harness.report.sweeps import LayerSweep, collect_sweeps
@@ -46,6 +47,7 @@ BUILDERS: tuple[Callable[[Inputs], Built], ...] = (
     lambda i: mquake_tables(i.evals),
     lambda i: alphaedit_tables(i.runs),
     lambda i: scale_figures(i.runs),
+    lambda i: meg_stage_tables(i.runs),
     lambda i: layer_figures(i.sweeps),
     lambda i: threshold_figures(i.runs),
 )
