@@ -21,7 +21,7 @@ from typing import Any
 from meg_harness.errors import HarnessError
 from meg_harness.report.markdown import file_part, pipe_table, section
 from meg_harness.report.outputs import Built, Output, Skipped, markdown_output
-from meg_harness.report.results import COLUMN_TITLES, format_cell, read_result
+from meg_harness.report.results import COLUMN_TITLES, format_cell, number_or_nan, read_result
 from meg_harness.report.runs import RunResult, range_file_part
 
 STAGES = "MeG's stages by edit scale (collection, generator fit, routing)"
@@ -58,19 +58,17 @@ class StageNumbers:
 
 def stage_numbers(seed_folder: Path) -> StageNumbers:
     """The stage measurements of one MeG seed folder (``metrics.json`` and ``items.jsonl``)."""
-    path = seed_folder / "metrics.json"
-    fit = read_result(path).get("fit")
-    fit = fit if isinstance(fit, dict) else {}
+    fit = _mapping(read_result(seed_folder / "metrics.json").get("fit"))
     collection = _mapping(fit.get("collection"))
     generator = _mapping(fit.get("generator"))
     evaluations = generator.get("evaluations")
     last = evaluations[-1] if isinstance(evaluations, list) and evaluations else {}
     routed, ag_if_routed = _routing(seed_folder / "items.jsonl")
     return StageNumbers(
-        collected=_number(collection.get("success_rate")),
-        neuron_steps=_number(collection.get("mean_steps")),
-        generator_l2=_number(_mapping(last).get("l2_mean")),
-        generator_steps=_number(generator.get("steps")),
+        collected=number_or_nan(collection.get("success_rate")),
+        neuron_steps=number_or_nan(collection.get("mean_steps")),
+        generator_l2=number_or_nan(_mapping(last).get("l2_mean")),
+        generator_steps=number_or_nan(generator.get("steps")),
         routed=routed,
         ag_if_routed=ag_if_routed,
     )
@@ -101,10 +99,6 @@ def _routing(items: Path) -> tuple[dict[str, float], dict[str, float]]:
 
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
-
-
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -60,6 +60,11 @@ def metric_values(
     return values
 
 
+def number_or_nan(value: Any) -> float:
+    """``value`` as a float when it is a JSON number, else NaN (a missing or malformed optional value)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
 # The starts-with rate of greedy answers per probe kind (``ag_prefix`` in metrics.json): shown beside the
 # protocol's strict AG so that our baseline numbers can be set beside the paper's, whose baseline code
 # scored AG this way.

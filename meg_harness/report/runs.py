@@ -18,7 +18,13 @@ from typing import Any
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.protocol import ALL_METRIC_KEYS, metric_keys
 from meg_harness.report.model_names import canonical_model
-from meg_harness.report.results import metric_values, read_json, read_result, starts_with_rates
+from meg_harness.report.results import (
+    metric_values,
+    number_or_nan,
+    read_json,
+    read_result,
+    starts_with_rates,
+)
 from meg_harness.store import SEED_FOLDER
 
 ARTIFACT_CONFIG = Path("artifact") / "config.json"
@@ -216,12 +222,8 @@ def _resolved_hparams(seed_folder: Path) -> dict | None:
     return hparams if isinstance(hparams, dict) else None
 
 
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-
-
 def _from_average(directory: Path, folder: Path, path: Path, data: dict) -> RunResult:
-    stds = {k: _number(data.get(f"{k}_std")) for k in ALL_METRIC_KEYS}
+    stds = {k: number_or_nan(data.get(f"{k}_std")) for k in ALL_METRIC_KEYS}
     seeds = tuple(int(s) for s in data.get("seeds", [0]))
     hparams = data.get("hparams") if isinstance(data.get("hparams"), dict) else {}
     return RunResult(
