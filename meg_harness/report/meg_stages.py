@@ -120,8 +120,7 @@ def meg_stage_tables(runs: Sequence[RunResult]) -> Built:
 
 def _group(run: RunResult) -> tuple:
     """Results comparable across scales: one model, dataset and edits file with its index range."""
-    source = run.edits.split(" [")[0] if run.edits else ""
-    return run.model, run.dataset, source, run.edit_range or (-1, -1)
+    return run.model, run.dataset, run.edits  # ``edits`` names the file and the range
 
 
 def _stages_file(measured: list[tuple[RunResult, list[StageNumbers]]]) -> Output:
