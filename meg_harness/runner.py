@@ -300,8 +300,7 @@ def _run_one(
             metrics["timings"]["fit_s"] = fitted - started
             metrics["timings"]["labels_s"] = labels_s
             metrics["resources"] = {"peak_rss_mb": peak_rss_mb()}
-            if edited.info:
-                metrics["fit"] = edited.info
+            metrics["fit"] = {"reused": [], **edited.info}  # reused: what the fit read back from caches
             metrics.update(record, versions=versions(), git_sha=git_sha())
             write_metrics(staging, metrics)
     finally:

@@ -354,6 +354,9 @@ def test_resume_after_interruption_equals_uninterrupted_training(tmp_path, monke
     monkeypatch.setattr(malmen_train, "meta_step", original)
     resumed = _train(model, tok, tmp_path / "b")
     assert resumed.state["step"] == 8 and resumed.state["done"]
+    # the 4 steps of the interrupted process are read back, with the seconds they took there
+    assert (whole.resumed_steps, whole.resumed_s, resumed.resumed_steps) == (0, 0.0, 4)
+    assert resumed.resumed_s == saved["elapsed_s"] > 0
     a, b = _state(whole.net), _state(resumed.net)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]

@@ -280,6 +280,8 @@ def test_value_targets_are_cached_across_update_settings(monkeypatch):
     second = editor("memit", mom2_update_weight=100, layers=[0, 2]).fit(model, tok, CASES[:2], TEMPLATE)
     assert not calls  # same last layer and z settings: targets reused from the cache
     assert second.info["z_nll"] == first.info["z_nll"]
+    read = {"stage": "z chunks", "total": 1, "seconds": None}  # 2 edits, one chunk
+    assert (first.info["reused"], second.info["reused"]) == ([{**read, "read": 0}], [{**read, "read": 1}])
     second.restore()
     editor("memit", v_lr=0.2).fit(model, tok, CASES[:2], TEMPLATE).restore()
     assert calls == [1]
@@ -331,6 +333,7 @@ def test_value_optimisation_resumes_from_finished_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(values, "_optimise_chunk", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
     resumed = _targets(model, tok, z_batch_size=2, cache=cache, method="memit")
     assert calls == [1]  # only the one edit of the unfinished chunk is optimised again
+    assert (full.chunks, full.chunks_read, resumed.chunks, resumed.chunks_read) == (2, 0, 2, 1)
     for site, target in full.targets.items():
         torch.testing.assert_close(resumed.targets[site], target, rtol=0, atol=0)
 

@@ -106,6 +106,10 @@ def test_fit_edits_and_reports(fitted, cases, tiny_models):
         "reused": 0,
     }
     assert edited.info["generator"]["steps"] == 1500
+    assert [(r["stage"], r["read"], r["total"]) for r in edited.info["reused"]] == [
+        ("neurons", 0, len(cases)),
+        ("generator steps", 0, 1500),
+    ]  # a fresh cache: nothing read back
     assert edited.info["generator"]["evaluations"][-1]["l2_mean"] < 2.0  # normalised; a row's norm is ~11
     evaluator = Evaluator(tokenizer, TEMPLATE, batch_size=4)
     unedited = Edited(model, tokenizer)

@@ -170,9 +170,11 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
     whole, _ = _train_checkpointed(None, 30)
-    _train_checkpointed(tmp_path / "ckpt", 20)
+    _, first = _train_checkpointed(tmp_path / "ckpt", 20)
     resumed, result = _train_checkpointed(tmp_path / "ckpt", 30)
     assert result.resumed_from == 20 and result.steps == 30
+    # the first run's time up to its last checkpoint, read back
+    assert first.resumed_s == 0.0 and 0.0 < result.resumed_s <= first.wall_s
     _assert_same_weights(whole, resumed)
 
 

@@ -424,3 +424,32 @@ def test_meg_stages_table_by_scale(tmp_path):
     assert rows["| 8"] == f"| 8 {metrics}{stages}| 100.00 | 100.00 | 0.00 | 75.00 | – |"
     assert rows["| 16"] == f"| 16 {metrics}{stages}| 100.00 | 50.00 | 25.00 | 100.00 | 100.00 |"
     assert "memit" not in text
+
+
+def _timed_seed(root: Path, run: str, method: str, seed: int, timings, rss_mb: float, reused=None) -> None:
+    """A seed folder with timings, peak memory and (when given) the fit's read-back list."""
+    folder = _seed(root, run, method, seed, [50.0] * len(KEYS), n_edits=8, range=[0, 100])
+    record = json.loads((folder / "metrics.json").read_text())
+    record.update(timings=timings, resources={"peak_rss_mb": rss_mb})
+    if reused is not None:
+        record["fit"] = {"reused": reused}
+    (folder / "metrics.json").write_text(json.dumps(record))
+
+
+def test_cost_table_sums_seeds_and_adds_the_work_read_back(tmp_path):
+    z = {"stage": "z chunks", "read": 2, "total": 4, "seconds": None}
+    steps = {"stage": "meta-training steps", "read": 10, "total": 20, "seconds": 1800.0}
+    none_read = {"stage": "z chunks", "read": 0, "total": 4, "seconds": None}
+    _timed_seed(tmp_path, "n8", "memit", 0, {"fit_s": 3600.0, "generation_s": 600.0}, 2048.0, [z])
+    _timed_seed(tmp_path, "n8", "malmen", 0, {"fit_s": 900.0, "teacher_forcing_s": 900.0}, 1024.0, [steps])
+    _timed_seed(tmp_path, "n8", "malmen", 1, {"fit_s": 900.0, "teacher_forcing_s": 0.0}, 3072.0, [])
+    _timed_seed(tmp_path, "n8", "ft", 0, {"fit_s": 7200.0, "labels_s": 360.0}, 512.0, [none_read])
+    _timed_seed(tmp_path, "n8", "pmet", 0, {"fit_s": 1800.0}, 512.0)  # an older result: nothing recorded
+    write_tables(tmp_path, tmp_path / "tables")
+    text = (tmp_path / "tables" / "costs_counterfact_smollm2-135m_r0-100.md").read_text()
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| 8 ")}
+    # fit h, evaluation h (every other *_s), peak GB (largest seed), fit + read-back hours, what was read
+    assert rows["memit"] == "| 8 | memit | 1.00 | 0.17 | 2.00 | ≥ 1.00 | z chunks 2/4 |"
+    assert rows["malmen"] == "| 8 | malmen | 0.50 | 0.25 | 3.00 | 1.00 | meta-training steps 10/20 (0.50 h) |"
+    assert rows["ft"] == "| 8 | ft | 2.00 | 0.10 | 0.50 | 2.00 | nothing |"
+    assert rows["pmet"] == "| 8 | pmet | 0.50 | – | 0.50 | ≥ 0.50 | not recorded |"

@@ -29,7 +29,7 @@ from meg_harness.baselines.stats import SecondMoment, layer_second_moments
 from meg_harness.baselines.values import ValueResult, optimise_values
 from meg_harness.cache import content_hash, default_cache_dir
 from meg_harness.data.edit_case import EditCase
-from meg_harness.editing.base import Edited, Editor
+from meg_harness.editing.base import Edited, Editor, reused_work
 from meg_harness.errors import HarnessError
 from meg_harness.models.adapters import ArchitectureAdapter, get_adapter
 from meg_harness.models.loading import model_fingerprint
@@ -227,6 +227,7 @@ class LocateThenEdit(Editor):
             "context_prefixes": prefixes,
             "z_s": z_s,  # value optimisation (read back from the cache when its chunks are there)
             "update_s": update_s,  # keys and the per-layer solves
+            "reused": [reused_work("z chunks", values.chunks_read, values.chunks)],
         }
         return DeltaEdited(model, tokenizer, delta, info)
 

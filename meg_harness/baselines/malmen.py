@@ -36,7 +36,7 @@ from meg_harness.baselines.params import from_mapping
 from meg_harness.cache import default_cache_dir
 from meg_harness.data import load_cases
 from meg_harness.data.edit_case import EditCase
-from meg_harness.editing.base import Edited, Editor
+from meg_harness.editing.base import Edited, Editor, reused_work
 from meg_harness.editing.registry import register_method
 from meg_harness.errors import HarnessError
 from meg_harness.models.adapters import get_adapter
@@ -175,6 +175,11 @@ class MALMEN(Editor):
             "meta_done": bool(trained.state.get("done")),
             "meta_train_s": trained.state.get("elapsed_s"),
             "deltas_s": deltas_s,  # the edits' keys and gradients, and the hypernetwork's solve
+            "reused": [
+                reused_work(
+                    "meta-training steps", trained.resumed_steps, trained.state["step"], trained.resumed_s
+                )
+            ],
             "meta_last": history[-1] if history else None,
             "hypernet_key": trained.state.get("key"),
             "lambda": [math.exp(net.log_lambda(i).item()) for i in range(len(modules))],

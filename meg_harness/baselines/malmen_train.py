@@ -518,6 +518,8 @@ class TrainResult:
     net: MalmenHypernet
     state: dict  # step, total_steps, done, history[...], elapsed_s, key
     folder: Path
+    resumed_steps: int = 0  # meta-steps read back from the checkpoint (done by earlier processes)
+    resumed_s: float = 0.0  # their seconds
 
 
 def meta_train(
@@ -545,6 +547,7 @@ def meta_train(
     opt = torch.optim.Adam(net.parameters(), lr=hp.meta_lr)
     total = total_steps(len(train_cases), hp)
     state = load_checkpoint(folder, net, opt)
+    resumed = (state["step"], state.get("elapsed_s", 0.0)) if state is not None else (0, 0.0)
     if state is None:
         state = {
             "key": key,
@@ -556,7 +559,7 @@ def meta_train(
         }
     if state["step"] >= total:
         state["done"] = True
-        return TrainResult(net, state, folder)
+        return TrainResult(net, state, folder, *resumed)
     clock = WallClock(hp.max_minutes)
     started = time.monotonic()
     last_saved = state["step"]
@@ -590,7 +593,7 @@ def meta_train(
                     )
     finally:
         bar.close()
-    return TrainResult(net, state, folder)
+    return TrainResult(net, state, folder, *resumed)
 
 
 def compute_deltas(

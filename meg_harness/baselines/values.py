@@ -50,6 +50,8 @@ class ValueResult:
     nll: list[float] = field(default_factory=list)  # last measured mean NLL per target token
     steps: list[int] = field(default_factory=list)
     observed: dict[str, torch.Tensor] = field(default_factory=dict)
+    chunks: int = 1  # chunks of edits optimised together (not saved: a file holds one)
+    chunks_read: int = 0  # of them, read back from the cache instead of optimised in this process
 
     def save(self, path: Path) -> None:
         """Write to ``path`` atomically (safetensors; diagnostics in the metadata)."""
@@ -70,6 +72,8 @@ class ValueResult:
             [x for p in parts for x in p.nll],
             [x for p in parts for x in p.steps],
             {s: torch.cat([p.observed[s] for p in parts]) for s in parts[0].observed},
+            chunks=sum(p.chunks for p in parts),
+            chunks_read=sum(p.chunks_read for p in parts),
         )
 
     @classmethod
@@ -233,6 +237,7 @@ def optimise_values(
         path = cache(chunk) if cache else None
         if path is not None and path.is_file():
             result = ValueResult.load(path)
+            result.chunks_read = 1
         else:
             batch = _batch(chunk, pad_id(tokenizer), device)
             result = _optimise_chunk(lm, batch, len(chunk), sites, hp, nll_factor, relax_on_argmax)

@@ -14,6 +14,14 @@ from meg_harness.data.edit_case import EditCase
 from meg_harness.prompts import QueryTemplate
 
 
+def reused_work(stage: str, read: int, total: int, seconds: float | None = None) -> dict[str, Any]:
+    """One entry of a fit's ``info["reused"]``: ``read`` of the ``total`` units of ``stage`` (z chunks,
+    neurons, training steps) were read back from the cache instead of computed by this process, and the
+    seconds computing them took when they ran (None: not recorded). A run's own fit time plus these seconds
+    is what its fit cost in all."""
+    return {"stage": stage, "read": int(read), "total": int(total), "seconds": seconds}
+
+
 class Edited:
     """A model as the evaluator sees it after an edit.
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from meg_harness.cache import content_hash, default_cache_dir
 from meg_harness.data.edit_case import EditCase
-from meg_harness.editing.base import Edited, Editor
+from meg_harness.editing.base import Edited, Editor, reused_work
 from meg_harness.editing.registry import register_method
 from meg_harness.errors import HarnessError
 from meg_harness.meg.collect import collect_neurons
@@ -186,6 +186,10 @@ class MegEditor(Editor):
         generator, generator_config, normalizer, report = self.generator(hp, cond, targets, device)
         info["generator"] = report
         info["generator_s"] = time.perf_counter() - clock
+        info["reused"] = [
+            reused_work("neurons", collection.reused, len(cases)),
+            reused_work("generator steps", report["resumed_from"], report["steps"], report["resumed_s"]),
+        ]
 
         adapter = get_adapter(model)
         meg = MegModel(

@@ -133,7 +133,8 @@ class TrainResult:
     evaluations: list[dict[str, float]] = field(default_factory=list)
     success: bool = False
     wall_s: float = 0.0
-    resumed_from: int = 0
+    resumed_from: int = 0  # steps read back from the checkpoint (done by earlier processes)
+    resumed_s: float = 0.0  # their wall time
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,7 +240,7 @@ def train_generator(
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         result = TrainResult(**state["result"])
-        result.resumed_from = result.steps
+        result.resumed_from, result.resumed_s = result.steps, result.wall_s
         window = list(state.get("window", []))
         generator_rng.set_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         if result.success and result.steps >= config.min_steps:

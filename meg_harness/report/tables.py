@@ -18,6 +18,7 @@ from pathlib import Path
 from meg_harness.cache import atomic_write_bytes
 from meg_harness.errors import HarnessError
 from meg_harness.report.ablation import ablation_tables
+from meg_harness.report.costs import cost_tables
 from meg_harness.report.editing_tables import alphaedit_tables, editing_tables
 from meg_harness.report.eval_tables import general_tables, mquake_tables, unke_tables
 from meg_harness.report.figures import layer_figures, scale_figures, threshold_figures
@@ -48,6 +49,7 @@ BUILDERS: tuple[Callable[[Inputs], Built], ...] = (
     lambda i: alphaedit_tables(i.runs),
     lambda i: scale_figures(i.runs),
     lambda i: meg_stage_tables(i.runs),
+    lambda i: cost_tables(i.runs),
     lambda i: layer_figures(i.sweeps),
     lambda i: threshold_figures(i.runs),
 )
