@@ -61,6 +61,31 @@ def read_metrics(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / METRICS).read_text())
 
 
+def artifact_run(artifact: Path) -> dict[str, Any] | None:
+    """What an artifact folder of ``meg-harness run`` (``<run>/<label>/seed<k>/artifact``) edited, from the
+    metrics.json beside it: method label, seed, model, dataset, number of cases, data file and index range;
+    None for any other folder or an unreadable record."""
+    artifact = Path(artifact)
+    seed = SEED_FOLDER.match(artifact.parent.name)
+    try:
+        record = json.loads((artifact.parent / METRICS).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    config = record.get("config") if isinstance(record, dict) else None
+    if artifact.name != ARTIFACT or seed is None or not isinstance(config, dict):
+        return None
+    counts = record.get("counts") if isinstance(record.get("counts"), dict) else {}
+    return {
+        "method": artifact.parent.parent.name,
+        "seed": int(seed.group(1)),
+        "model": config.get("model"),
+        "dataset": config.get("dataset"),
+        "n_edits": counts.get("cases", config.get("n_edits")),
+        "data_path": config.get("data_path"),
+        "range": config.get("range"),
+    }
+
+
 # -- writing ------------------------------------------------------------------------------------------------
 def write_run_config(out: Path, config: dict[str, Any]) -> None:
     """Record the run config in ``OUT/run_config.json`` (a run that adds methods or seeds keeps the earlier

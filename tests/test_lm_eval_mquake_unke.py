@@ -65,6 +65,9 @@ def test_meg_harness_run_and_lm_eval_give_the_same_numbers(dataset, tiny_model_d
         else:  # the edit: its cases file is found in the delta folder
             lm, metadata = tiny_lm(model, delta=str(artifact)), {"delta": str(artifact)}
         results = evaluate_tasks(lm, [task], **metadata)[task]
+        run = lm.get_model_info().get("meg_harness_run")  # what a results file records of the edit
+        expected = {"method": "ft", "seed": 0, "dataset": dataset, "n_edits": 2}
+        assert run is None if method == "none" else {k: run[k] for k in expected} == expected
         for key in KEYS[dataset]:
             assert results[f"{key},none"] * 100 == pytest.approx(native[key], abs=1e-9), (method, key)
         seen.add(tuple(native[k] for k in KEYS[dataset]))

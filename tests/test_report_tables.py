@@ -453,3 +453,35 @@ def test_cost_table_sums_seeds_and_adds_the_work_read_back(tmp_path):
     assert rows["malmen"] == "| 8 | malmen | 0.50 | 0.25 | 3.00 | 1.00 | meta-training steps 10/20 (0.50 h) |"
     assert rows["ft"] == "| 8 | ft | 2.00 | 0.10 | 0.50 | 2.00 | nothing |"
     assert rows["pmet"] == "| 8 | pmet | 0.50 | – | 0.50 | ≥ 0.50 | not recorded |"
+
+
+def test_eval_rows_name_their_cases_and_a_moved_artifact_keeps_its_setting(tmp_path):
+    """Table 18 rows name the data file and range of their run (dev and reserved rows apart, the unedited
+    model's too); an lm-eval results file whose artifact folder is not here takes the setting the plugin
+    recorded (``config.meg_harness_run``) instead of ``?, ? edits``."""
+    for run, where, values in (("dev", [0, 300], [1.0, 2.0, 3.0]), ("res", [300, 429], [4.0, 5.0, 6.0])):
+        folder = _seed(tmp_path, run, "none", 0, [], dataset="mquake", n_edits=16, range=where)
+        record = json.loads((folder / "metrics.json").read_text())
+        record.update(dict(zip(("edit_wise", "instance_wise", "multi_hop"), values)))
+        record["config"]["data_path"] = "../shared/data/mquake/MQuAKE-hard.json"
+        (folder / "metrics.json").write_text(json.dumps(record))
+    recorded = {
+        "method": "memit",
+        "seed": 0,
+        "model": "smollm2-135m",
+        "dataset": "mquake",
+        "n_edits": 16,
+        "data_path": "../shared/data/mquake/MQuAKE-hard.json",
+        "range": [300, 429],
+    }
+    args = {"pretrained": "smollm2-135m", "delta": "/elsewhere/res/memit/seed0/artifact"}
+    results = {"mquake_ke": {"edit_wise,none": 0.5, "instance_wise,none": 0.25, "multi_hop,none": 0.0}}
+    _lm_eval(tmp_path, "moved", "edited", args, results, meg_harness_run=recorded)
+    write_tables(tmp_path, tmp_path / "out")
+    text = (tmp_path / "out" / "mquake.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith(("| none", "| memit"))]
+    assert rows == [
+        "| none | – · MQuAKE-hard.json [0, 300), 16 cases | 1.00 | 2.00 | 3.00 | 1 |",
+        "| none | – · MQuAKE-hard.json [300, 429), 16 cases | 4.00 | 5.00 | 6.00 | 1 |",
+        "| memit | mquake, 16 edits · MQuAKE-hard.json [300, 429) | **50.00** | **25.00** | **0.00** | 1 |",
+    ]

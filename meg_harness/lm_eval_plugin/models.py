@@ -181,6 +181,9 @@ class MegLM(PerRowHFLM):
         configure(routing=self.route, ddim_steps=self.ddim_steps)
         return edited
 
+    def artifact_folder(self) -> str | None:
+        return self.meg_path
+
     def get_model_info(self) -> dict:
         """HFLM's model info plus the artifact's MeG settings (``meg_*``) and the routing counts so far."""
         info = super().get_model_info()
@@ -203,6 +206,9 @@ class EditedLM(PerRowHFLM):
         if self.delta_path is not None:
             check_edit_artifact(self.delta_path)  # before the model is loaded
         super().__init__(pretrained, **kwargs)
+
+    def artifact_folder(self) -> str | None:
+        return self.delta_path
 
     def load_edited(self, model: Any, tokenizer: Any) -> Edited:
         if self.delta_path is None:

@@ -51,6 +51,7 @@ from meg_harness.prompts import (
     encode_target,
     get_template,
 )
+from meg_harness.store import artifact_run
 
 NATIVE_BATCH_SIZE = 16  # for the native path when lm-eval's batch size is "auto"
 NATIVE_TF_LABEL = "meg-harness teacher forcing"  # progress bars of the native path (lm-eval's own bars
@@ -300,7 +301,14 @@ class PerRowHFLM(HFLM):
             self._rank = accelerator.process_index
             self._world_size = accelerator.num_processes
 
+    def artifact_folder(self) -> str | None:
+        """The artifact folder the edit was read from (None: the unedited model)."""
+        return None
+
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         info["meg_harness_edit"] = type(self.edited).__name__
+        folder = self.artifact_folder()
+        if folder is not None:  # what was edited, so that a results file names its setting by itself
+            info["meg_harness_run"] = artifact_run(Path(folder))
         return info

@@ -82,26 +82,30 @@ class EvalRow:
     stds: dict[str, float]
     seeds: int
     sources: dict[str, frozenset[str]]  # column -> the task/metric names it came from
+    edits: str = ""  # the run's data file and index range ("" when unknown)
 
     @property
     def edit(self) -> str:
+        """``mquake, 116 edits · MQuAKE-hard.json [300, 429)``; the unedited model: ``–`` and, when a run
+        names them, the cases it was scored on."""
         if self.method == UNEDITED:
-            return "–"
-        return f"{self.dataset or '?'}, {self.n_edits if self.n_edits is not None else '?'} edits"
+            return f"– · {self.edits}, {self.n_edits} cases" if self.edits and self.n_edits else "–"
+        edit = f"{self.dataset or '?'}, {self.n_edits if self.n_edits is not None else '?'} edits"
+        return f"{edit} · {self.edits}" if self.edits else edit
 
 
 def aggregate(results: Sequence[EvalResult], extract: Extract) -> list[EvalRow]:
     """One row per (model, edit setting, method): columns averaged over seeds (newest file per seed)."""
     latest: dict[tuple, dict[str, tuple[float, str]]] = {}
     for result in sorted(results, key=recency_key):
-        key = (result.model, result.dataset, result.n_edits, result.method, result.seed)
+        key = (result.model, result.dataset, result.n_edits, result.edits, result.method, result.seed)
         latest.setdefault(key, {}).update(extract(result))
     grouped: dict[tuple, list[dict[str, tuple[float, str]]]] = {}
-    for (model, dataset, n_edits, method, _seed), columns in latest.items():
+    for (model, dataset, n_edits, edits, method, _seed), columns in latest.items():
         if columns:
-            grouped.setdefault((model, dataset, n_edits, method), []).append(columns)
+            grouped.setdefault((model, dataset, n_edits, edits, method), []).append(columns)
     rows = []
-    for (model, dataset, n_edits, method), per_seed in grouped.items():
+    for (model, dataset, n_edits, edits, method), per_seed in grouped.items():
         values, stds, sources = {}, {}, {}
         for column in sorted({c for seed in per_seed for c in seed}):
             present = [seed[column] for seed in per_seed if column in seed]
@@ -109,14 +113,12 @@ def aggregate(results: Sequence[EvalResult], extract: Extract) -> list[EvalRow]:
             values[column] = math.fsum(numbers) / len(numbers)
             stds[column] = statistics.stdev(numbers) if len(numbers) > 1 else math.nan
             sources[column] = frozenset(source for _, source in present)
-        rows.append(EvalRow(model, dataset, n_edits, method, values, stds, len(per_seed), sources))
-    return sorted(
-        rows, key=lambda r: (r.model, *_edit_order((r.dataset, r.n_edits)), r.method != UNEDITED, r.method)
-    )
+        rows.append(EvalRow(model, dataset, n_edits, method, values, stds, len(per_seed), sources, edits))
+    return sorted(rows, key=lambda r: (r.model, *_setting_order(r), r.method != UNEDITED, r.method))
 
 
-def _edit_order(edit: tuple[str | None, int | None]) -> tuple[str, int]:
-    return (edit[0] or "", edit[1] or 0)
+def _setting_order(row: EvalRow) -> tuple[str, int, str]:
+    return (row.dataset or "", row.n_edits or 0, row.edits)
 
 
 def _percent(value: object) -> float | None:
@@ -203,12 +205,10 @@ def general_tables(results: Sequence[EvalResult]) -> Built:
         mine = [r for r in rows if r.model == model]
         sizes = [r.parameters for r in results if r.model == model and r.parameters]
         chosen = choose_formulations(mine, max(sizes) if sizes else None)
-        edits = sorted({(r.dataset, r.n_edits) for r in mine if r.method != UNEDITED}, key=_edit_order)
-        for dataset, n_edits in edits or [(None, None)]:
-            columns = [
-                r for r in mine if r.method == UNEDITED or (r.dataset, r.n_edits) == (dataset, n_edits)
-            ]
-            lines += _general_section(model, dataset, n_edits, columns, chosen, max(sizes) if sizes else None)
+        settings = sorted({_setting_order(r) for r in mine if r.method != UNEDITED})
+        for setting in settings or [("", 0, "")]:
+            columns = [r for r in mine if r.method == UNEDITED or _setting_order(r) == setting]
+            lines += _general_section(model, setting, columns, chosen, max(sizes) if sizes else None)
         title = f"General benchmarks after editing: {model}"
         outputs.append(markdown_output(f"general_{file_part(model)}.md", title, lines))
     return outputs
@@ -216,16 +216,16 @@ def general_tables(results: Sequence[EvalResult]) -> Built:
 
 def _general_section(
     model: str,
-    dataset: str | None,
-    n_edits: int | None,
+    setting: tuple[str, int, str],
     columns: list[EvalRow],
     chosen: Mapping[str, str],
     parameters: int | None,
 ) -> list[str]:
+    dataset, n_edits, edits = setting
     keys = {b: chosen.get(b, column_key(b, GENERATION, PAPER_PROMPT_SHOTS[b])) for b in BENCHMARKS}
     titles = {key: f"{BENCHMARKS[b][0]} ({formulation_label(key)})" for b, key in keys.items()}
     header = ["Task", *(method_title(c.method) if c.method == UNEDITED else c.method for c in columns)]
-    papers = [paper_row("general", model, dataset, n_edits, c.method) for c in columns]
+    papers = [paper_row("general", model, dataset or None, n_edits or None, c.method) for c in columns]
     body = []
     for benchmark, key in keys.items():  # the methods (columns) compete for the best value of a row
         best = best_values(columns, [key])
@@ -237,6 +237,7 @@ def _general_section(
             )
     edited = any(c.method != UNEDITED for c in columns)
     edit = f"{dataset or '?'}, {n_edits or '?'} edits" if edited else "no edited model evaluated"
+    edit += f" · {edits}" if edited and edits else ""
     size = f"{parameters / 1e9:.2f}B parameters" if parameters else "size unknown"
     rule = (
         f"Formulation per benchmark ({size}): below {SMALL_MODEL_PARAMETERS / 1e9:g}B parameters lm-eval's "
@@ -263,7 +264,7 @@ def _per_row_tables(
     for model in sorted({r.model for r in rows}):
         body = []
         mine = [r for r in rows if r.model == model]
-        for _edit, group in itertools.groupby(mine, lambda r: (r.dataset, r.n_edits)):
+        for _setting, group in itertools.groupby(mine, _setting_order):
             group = list(group)
             best = best_values(group, list(columns))
             for row in group:

@@ -3,8 +3,10 @@
 The edit comes from ``config.model`` and ``config.model_args``: ``hf`` (or ``edited`` without ``delta``) is
 the unedited model; ``meg`` (``meg_path=``) and ``edited`` (``delta=``) name an artifact folder. For an
 artifact written by ``meg-harness run`` (``<run>/<label>/seed<k>/artifact``) the label and seed come from
-its path, and the edit setting (dataset, number of edits) from the run's ``metrics.json`` beside it when
-that file can be read; the method otherwise comes from the artifact's ``editor.json``.
+its path, and the edit setting (dataset, number of edits, data file and range) from the run's
+``metrics.json`` beside it when that file can be read, else from what the plugin recorded of that run in
+the results file (``config.meg_harness_run``); the method otherwise comes from the artifact's
+``editor.json``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from meg_harness.errors import HarnessError
 from meg_harness.evaluate.protocol import metric_keys
 from meg_harness.report.model_names import canonical_model
 from meg_harness.report.results import UNEDITED, read_json
-from meg_harness.report.runs import visible_files
-from meg_harness.store import SEED_FOLDER
+from meg_harness.report.runs import edit_selection, visible_files
+from meg_harness.store import SEED_FOLDER, artifact_run
 
 ARTIFACT_KEYS = {"meg": "meg_path", "edited": "delta"}
 NATIVE_TASKS = {"mquake": "mquake_ke", "unke": "unke_ke"}  # datasets whose runs record a task's metrics
@@ -41,6 +43,7 @@ class EvalResult:
     parameters: int | None = None  # the model's parameter count (lm-eval's config.model_num_parameters)
     n_shot: Mapping[str, int] = field(default_factory=dict)  # task -> lm-eval's few-shot count
     chat_template: bool = False  # the prompts went through the model's chat template (--apply_chat_template)
+    edits: str = ""  # the run's data file and index range, e.g. "MQuAKE-hard.json [300, 429)"; "" if unknown
 
 
 def parse_model_args(value: Any, path: Path) -> dict[str, str]:
@@ -72,7 +75,8 @@ def _read(directory: Path, path: Path) -> EvalResult:
     if not isinstance(config, dict) or not isinstance(config.get("model"), str):
         raise HarnessError("lm-eval results file lacks the model", file=path, field="config.model")
     args = parse_model_args(config.get("model_args"), path)
-    method, seed, dataset, n_edits, run_model = _edit(config["model"], args, directory, path)
+    recorded = config.get("meg_harness_run")
+    method, seed, dataset, n_edits, run_model, edits = _edit(config["model"], args, recorded, directory, path)
     model = run_model or canonical_model(args.get("pretrained") or data.get("model_name") or "unknown")
     parameters = config.get("model_num_parameters")
     shots = data.get("n-shot") if isinstance(data.get("n-shot"), dict) else {}
@@ -87,6 +91,7 @@ def _read(directory: Path, path: Path) -> EvalResult:
         parameters if isinstance(parameters, int) and parameters > 0 else None,
         {str(k): int(v) for k, v in shots.items() if isinstance(v, int) and not isinstance(v, bool)},
         bool(data.get("chat_template")),
+        edits,
     )
 
 
@@ -116,30 +121,33 @@ def native_eval_results(directory: Path, skip: Sequence[Path] = ()) -> list[Eval
                 counts.get("cases", config.get("n_edits")),
                 {NATIVE_TASKS[dataset]: metrics},
                 path.relative_to(directory).as_posix(),
+                edits=edit_selection(config)[0],
             )
         )
     return found
 
 
-def _edit(kind: str, args: Mapping[str, str], directory: Path, path: Path) -> tuple:
-    """(method label, seed, dataset, n_edits, model of the run) of the edit that was evaluated."""
+def _edit(kind: str, args: Mapping[str, str], recorded: Any, directory: Path, path: Path) -> tuple:
+    """(method label, seed, dataset, n_edits, model of the run, its data file and range) of the edit that
+    was evaluated: from the run beside the artifact folder when it can be found here, else from what the
+    plugin recorded of that run in the results file (``config.meg_harness_run``)."""
     artifact = args.get(ARTIFACT_KEYS.get(kind, ""))
     if kind == "hf" or (kind == "edited" and not artifact):
-        return UNEDITED, None, None, None, None
+        return UNEDITED, None, None, None, None, ""
     if not artifact:
-        return kind, None, None, None, None
+        return kind, None, None, None, None, ""
     folder = Path(artifact)
-    seed_match = SEED_FOLDER.match(folder.parent.name)
-    label = folder.parent.parent.name if folder.name == "artifact" and seed_match else None
-    seed = int(seed_match.group(1)) if label else None
-    run = _run_record(folder, directory, path)
+    runs = [artifact_run(candidate) for candidate in _candidates(folder, directory, path)]
+    run = next((r for r in runs if r is not None), recorded if isinstance(recorded, dict) else None)
     if run is not None:
-        config = run.get("config", {})
-        counts = run.get("counts", {}) if isinstance(run.get("counts"), dict) else {}
-        method = label or str(run.get("method", kind))
-        model = canonical_model(config["model"]) if isinstance(config.get("model"), str) else None
-        return method, seed, config.get("dataset"), counts.get("cases", config.get("n_edits")), model
-    return label or _editor_method(folder) or kind, seed, None, None, None
+        model = canonical_model(run["model"]) if isinstance(run.get("model"), str) else None
+        seed = run.get("seed") if isinstance(run.get("seed"), int) else None
+        method = str(run.get("method") or _editor_method(folder) or kind)
+        return method, seed, run.get("dataset"), run.get("n_edits"), model, edit_selection(run)[0]
+    seed_match = SEED_FOLDER.match(folder.parent.name)  # a run's layout without its record: label and seed
+    if folder.name == "artifact" and seed_match:
+        return folder.parent.parent.name, int(seed_match.group(1)), None, None, None, ""
+    return _editor_method(folder) or kind, None, None, None, None, ""
 
 
 def _candidates(folder: Path, directory: Path, path: Path) -> list[Path]:
@@ -148,16 +156,6 @@ def _candidates(folder: Path, directory: Path, path: Path) -> list[Path]:
     if folder.is_absolute():
         return [folder]
     return [folder, directory / folder, path.parent / folder]
-
-
-def _run_record(folder: Path, directory: Path, path: Path) -> dict | None:
-    for candidate in _candidates(folder, directory, path):
-        metrics = candidate.parent / "metrics.json"
-        if candidate.name == "artifact" and metrics.is_file():
-            data = read_json(metrics)
-            if isinstance(data, dict) and isinstance(data.get("config"), dict):
-                return data
-    return None
 
 
 def _editor_method(folder: Path) -> str | None:
