@@ -9,7 +9,6 @@ runs use one torch thread per process, so they are CPU-hours.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 from meg_harness.report.markdown import file_part, pipe_table, section
 from meg_harness.report.outputs import Built, Output, Skipped, markdown_output
 from meg_harness.report.results import format_cell, number_or_nan, read_result
-from meg_harness.report.runs import RunResult, range_file_part
+from meg_harness.report.runs import RunResult, range_file_part, scale_series
 
 COSTS = "Cost of each run by edit scale (fit and evaluation hours, peak memory)"
 HOUR = 3600.0
@@ -94,18 +93,10 @@ def _count(value: Any) -> int:
 
 def cost_tables(runs: Sequence[RunResult]) -> Built:
     """One file per (model, dataset, edits file and range): every method label's costs at each scale."""
-    measured = []
-    for run in sorted((r for r in runs if r.seed_folders), key=lambda r: (_group(r), r.n_edits)):
-        seeds = [seed_cost(folder) for folder in run.seed_folders]
-        if any(not math.isnan(s.fit_s) for s in seeds):
-            measured.append((run, seeds))
-    if not measured:
+    series = scale_series(runs, seed_cost, lambda seeds: any(not math.isnan(s.fit_s) for s in seeds))
+    if not series:
         return [Skipped(COSTS, "no run results with timings (metrics.json timings.fit_s)")]
-    return [_costs_file(list(rows)) for _, rows in itertools.groupby(measured, lambda m: _group(m[0]))]
-
-
-def _group(run: RunResult) -> tuple:
-    return run.model, run.dataset, run.edits  # ``edits`` names the file and the range
+    return [_costs_file(rows) for rows in series]
 
 
 def _hours(seconds: float) -> str:

@@ -10,7 +10,6 @@ AG lost is about ``routed locality x (100 - Loc AG if routed)``.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,7 @@ from meg_harness.errors import HarnessError
 from meg_harness.report.markdown import file_part, pipe_table, section
 from meg_harness.report.outputs import Built, Output, Skipped, markdown_output
 from meg_harness.report.results import COLUMN_TITLES, format_cell, number_or_nan, read_result
-from meg_harness.report.runs import RunResult, range_file_part
+from meg_harness.report.runs import RunResult, range_file_part, scale_series
 
 STAGES = "MeG's stages by edit scale (collection, generator fit, routing)"
 KINDS = ("edit", "rephrase", "locality")
@@ -108,19 +107,13 @@ def _mean(values: Sequence[float]) -> float:
 
 def meg_stage_tables(runs: Sequence[RunResult]) -> Built:
     """One file per (model, dataset, edits file and range): every MeG label's stages at each scale run."""
-    measured = []
-    for run in sorted((r for r in runs if r.base_method == "meg"), key=lambda r: (_group(r), r.n_edits)):
-        seeds = [stage_numbers(folder) for folder in run.seed_folders]
-        if any(not math.isnan(value) for seed in seeds for value in seed.values()):
-            measured.append((run, seeds))
-    if not measured:
+    meg = [r for r in runs if r.base_method == "meg"]
+    series = scale_series(
+        meg, stage_numbers, lambda seeds: any(not math.isnan(v) for s in seeds for v in s.values())
+    )
+    if not series:
         return [Skipped(STAGES, "no MeG run results with stage measurements (metrics.json fit, items.jsonl)")]
-    return [_stages_file(list(rows)) for _, rows in itertools.groupby(measured, lambda m: _group(m[0]))]
-
-
-def _group(run: RunResult) -> tuple:
-    """Results comparable across scales: one model, dataset and edits file with its index range."""
-    return run.model, run.dataset, run.edits  # ``edits`` names the file and the range
+    return [_stages_file(rows) for rows in series]
 
 
 def _stages_file(measured: list[tuple[RunResult, list[StageNumbers]]]) -> Output:

@@ -8,12 +8,13 @@ files) contributes that file and its ``<key>_std`` values. Hparams: those the ed
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from meg_harness.errors import HarnessError
 from meg_harness.evaluate.protocol import ALL_METRIC_KEYS, metric_keys
@@ -119,6 +120,27 @@ class RunResult:
     @property
     def is_variant(self) -> bool:
         return "@" in self.method
+
+
+T = TypeVar("T")
+
+
+def scale_series(
+    runs: Sequence[RunResult], measure: Callable[[Path], T], keep: Callable[[list[T]], bool]
+) -> list[list[tuple[RunResult, list[T]]]]:
+    """Runs comparable across scales (one model, dataset, and edits file with its index range), a list per
+    such series sorted by number of edits, each with ``measure`` of its seed folders; a run is left out
+    when it has no seed folders or ``keep`` rejects its measurements."""
+
+    def series(run: RunResult) -> tuple:
+        return run.model, run.dataset, run.edits  # ``edits`` names the file and the range
+
+    measured = []
+    for run in sorted((r for r in runs if r.seed_folders), key=lambda r: (series(r), r.n_edits)):
+        seeds = [measure(folder) for folder in run.seed_folders]
+        if keep(seeds):
+            measured.append((run, seeds))
+    return [list(rows) for _, rows in itertools.groupby(measured, lambda m: series(m[0]))]
 
 
 def visible_files(directory: Path, name: str, skip: Sequence[Path] = ()) -> list[Path]:
