@@ -58,32 +58,24 @@ def seed_cost(seed_folder: Path) -> SeedCost:
     timings = _mapping(data.get("timings"))
     seconds = {k: number_or_nan(v) for k, v in timings.items() if k.endswith("_s")}
     fit = _mapping(data.get("fit"))
-    recorded = fit.get("reused")
+    recorded = fit.get("reused")  # absent in results from before it was recorded
     entries = [e for e in recorded if isinstance(e, Mapping)] if isinstance(recorded, list) else []
-    reused = (
-        None
-        if recorded is None
-        else tuple(
-            Reused(
-                str(e.get("stage", "?")),
-                _count(e.get("read")),
-                _count(e.get("total")),
-                number_or_nan(e.get("seconds")),
-            )
-            for e in entries
-            if _count(e.get("read")) > 0
-        )
-    )
+    read = tuple(_reused(e) for e in entries if _count(e.get("read")) > 0)
     return SeedCost(
         fit_s=seconds.pop("fit_s", math.nan),
         evaluation_s=math.fsum(seconds.values()) if seconds else math.nan,
         peak_rss_mb=number_or_nan(_mapping(data.get("resources")).get("peak_rss_mb")),
-        reused=reused,
+        reused=None if recorded is None else read,
     )
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
+
+
+def _reused(entry: Mapping[str, Any]) -> Reused:
+    stage, seconds = str(entry.get("stage", "?")), number_or_nan(entry.get("seconds"))
+    return Reused(stage, _count(entry.get("read")), _count(entry.get("total")), seconds)
 
 
 def _count(value: Any) -> int:
