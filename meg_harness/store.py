@@ -67,12 +67,14 @@ def artifact_run(artifact: Path) -> dict[str, Any] | None:
     None for any other folder or an unreadable record."""
     artifact = Path(artifact)
     seed = SEED_FOLDER.match(artifact.parent.name)
+    if artifact.name != ARTIFACT or seed is None:
+        return None
     try:
         record = json.loads((artifact.parent / METRICS).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     config = record.get("config") if isinstance(record, dict) else None
-    if artifact.name != ARTIFACT or seed is None or not isinstance(config, dict):
+    if not isinstance(config, dict):
         return None
     counts = record.get("counts") if isinstance(record.get("counts"), dict) else {}
     return {
