@@ -17,7 +17,7 @@ from typing import Any
 
 from meg_harness.report.markdown import file_part, pipe_table, section
 from meg_harness.report.outputs import Built, Output, Skipped, markdown_output
-from meg_harness.report.results import format_cell, number_or_nan, read_result
+from meg_harness.report.results import format_cell, mapping_or_empty, number_or_nan, read_result
 from meg_harness.report.runs import RunResult, range_file_part, scale_series
 
 COSTS = "Cost of each run by edit scale (fit and evaluation hours, peak memory)"
@@ -55,22 +55,18 @@ class SeedCost:
 def seed_cost(seed_folder: Path) -> SeedCost:
     """The costs recorded in one seed folder's ``metrics.json``."""
     data = read_result(seed_folder / "metrics.json")
-    timings = _mapping(data.get("timings"))
+    timings = mapping_or_empty(data.get("timings"))
     seconds = {k: number_or_nan(v) for k, v in timings.items() if k.endswith("_s")}
-    fit = _mapping(data.get("fit"))
+    fit = mapping_or_empty(data.get("fit"))
     recorded = fit.get("reused")  # absent in results from before it was recorded
     entries = [e for e in recorded if isinstance(e, Mapping)] if isinstance(recorded, list) else []
     read = tuple(_reused(e) for e in entries if _count(e.get("read")) > 0)
     return SeedCost(
         fit_s=seconds.pop("fit_s", math.nan),
         evaluation_s=math.fsum(seconds.values()) if seconds else math.nan,
-        peak_rss_mb=number_or_nan(_mapping(data.get("resources")).get("peak_rss_mb")),
+        peak_rss_mb=number_or_nan(mapping_or_empty(data.get("resources")).get("peak_rss_mb")),
         reused=None if recorded is None else read,
     )
-
-
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
 
 
 def _reused(entry: Mapping[str, Any]) -> Reused:

@@ -137,7 +137,7 @@ def _edit(kind: str, args: Mapping[str, str], recorded: Any, directory: Path, pa
     if not artifact:
         return kind, None, None, None, None, ""
     folder = Path(artifact)
-    runs = [artifact_run(candidate) for candidate in _candidates(folder, directory, path)]
+    runs = (artifact_run(candidate) for candidate in _candidates(folder, directory, path))  # first found
     run = next((r for r in runs if r is not None), recorded if isinstance(recorded, dict) else None)
     if run is not None:
         model = canonical_model(run["model"]) if isinstance(run.get("model"), str) else None

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from meg_harness.errors import HarnessError
 from meg_harness.report.markdown import file_part, pipe_table, section
 from meg_harness.report.outputs import Built, Output, Skipped, markdown_output
-from meg_harness.report.results import COLUMN_TITLES, format_cell, number_or_nan, read_result
+from meg_harness.report.results import (
+    COLUMN_TITLES,
+    format_cell,
+    mapping_or_empty,
+    number_or_nan,
+    read_result,
+)
 from meg_harness.report.runs import RunResult, range_file_part, scale_series
 
 STAGES = "MeG's stages by edit scale (collection, generator fit, routing)"
@@ -57,16 +62,16 @@ class StageNumbers:
 
 def stage_numbers(seed_folder: Path) -> StageNumbers:
     """The stage measurements of one MeG seed folder (``metrics.json`` and ``items.jsonl``)."""
-    fit = _mapping(read_result(seed_folder / "metrics.json").get("fit"))
-    collection = _mapping(fit.get("collection"))
-    generator = _mapping(fit.get("generator"))
+    fit = mapping_or_empty(read_result(seed_folder / "metrics.json").get("fit"))
+    collection = mapping_or_empty(fit.get("collection"))
+    generator = mapping_or_empty(fit.get("generator"))
     evaluations = generator.get("evaluations")
     last = evaluations[-1] if isinstance(evaluations, list) and evaluations else {}
     routed, ag_if_routed = _routing(seed_folder / "items.jsonl")
     return StageNumbers(
         collected=number_or_nan(collection.get("success_rate")),
         neuron_steps=number_or_nan(collection.get("mean_steps")),
-        generator_l2=number_or_nan(_mapping(last).get("l2_mean")),
+        generator_l2=number_or_nan(mapping_or_empty(last).get("l2_mean")),
         generator_steps=number_or_nan(generator.get("steps")),
         routed=routed,
         ag_if_routed=ag_if_routed,
@@ -94,10 +99,6 @@ def _routing(items: Path) -> tuple[dict[str, float], dict[str, float]]:
     routed = {k: 100.0 * c[1] / c[0] if c[0] else math.nan for k, c in counts.items()}
     ag = {k: 100.0 * c[2] / c[1] if c[1] else math.nan for k, c in counts.items()}
     return routed, ag
-
-
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -60,6 +60,11 @@ def metric_values(
     return values
 
 
+def mapping_or_empty(value: Any) -> Mapping[str, Any]:
+    """``value`` when it is a mapping, else an empty one (a missing or malformed optional section)."""
+    return value if isinstance(value, Mapping) else {}
+
+
 def number_or_nan(value: Any) -> float:
     """``value`` as a float when it is a JSON number, else NaN (a missing or malformed optional value)."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
