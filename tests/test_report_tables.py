@@ -167,6 +167,7 @@ def test_figures_of_scale_and_layers(tmp_path):
     assert {"score_vs_scale_smollm2-135m.png", "reliability_vs_layer_smollm2-135m.png"} <= written
     assert "ag_vs_scale_counterfact_smollm2-135m.png" in written  # Rel / Gen / Loc AG, a panel each
     assert not {"score_vs_scale_phi-2.png", "ag_vs_scale_zsre_phi-2.png"} & written  # one scale only
+    assert "scale_leaderboard_smollm2-135m.md" in written and "scale_leaderboard_phi-2.md" not in written
     from PIL import Image
 
     with Image.open(tmp_path / "out" / "ag_vs_scale_counterfact_smollm2-135m.png") as image:
@@ -485,3 +486,23 @@ def test_eval_rows_name_their_cases_and_a_moved_artifact_keeps_its_setting(tmp_p
         "| none | – · MQuAKE-hard.json [300, 429), 16 cases | 4.00 | 5.00 | 6.00 | 1 |",
         "| memit | mquake, 16 edits · MQuAKE-hard.json [300, 429) | **50.00** | **25.00** | **0.00** | 1 |",
     ]
+
+
+def test_scale_leaderboard_takes_each_point_from_the_study_with_most_scales(tmp_path):
+    """Score per method and scale, the change from the smallest to the largest scale, and, where two runs
+    give one method at one scale, the multi-scale study's run (not the single run sorting first)."""
+    where = {"range": [0, 100]}
+    for n_edits, memit_score in ((4, 60.0), (8, 42.5)):
+        run = f"study/n{n_edits}"
+        _seed(tmp_path, run, "none", 0, [0, 2, 0, 3, 100, 100, 0], n_edits=n_edits, **where)
+        _seed(tmp_path, run, "memit", 0, [70, 80, 30, 40, 20, 50, memit_score], n_edits=n_edits, **where)
+    _seed(tmp_path, "study/n8", "meg", 0, [96, 97, 50, 55, 90, 99, 70.25], n_edits=8, **where)
+    _seed(tmp_path, "an_earlier_run", "memit", 0, [10, 10, 10, 10, 10, 10, 10], n_edits=8, **where)
+    write_tables(tmp_path, tmp_path / "out")
+    text = (tmp_path / "out" / "scale_leaderboard_smollm2-135m.md").read_text()
+    assert "## smollm2-135m · counterfact · counterfact-edit.json [0, 100)" in text
+    assert _table_line(text, "none") == "| none | 0.00 | 0.00 | +0.00 |"
+    assert _table_line(text, "memit") == "| memit | **60.00** | 42.50 | -17.50 |"  # 42.50, not 10.00
+    assert _table_line(text, "meg") == "| meg | – | **70.25** | – |"
+    assert "| memit | 70.00 / 30.00 / 20.00 | 70.00 / 30.00 / 20.00 |" in text  # Rel / Gen / Loc AG
+    assert "**Runs**: 4: study/n4; 8: study/n8." in text

@@ -16,8 +16,8 @@ from meg_harness.report.ablation import threshold_series
 from meg_harness.report.markdown import file_part
 from meg_harness.report.outputs import Built, Output, Skipped
 from meg_harness.report.paper import method_title, paper_tables
-from meg_harness.report.results import UNEDITED
 from meg_harness.report.runs import RunResult, range_file_part
+from meg_harness.report.scales import ScaleCurves, scale_curves
 from meg_harness.report.sweeps import LayerSweep
 
 SCALE = "Figures 3-4 (Score vs number of edits)"
@@ -68,57 +68,42 @@ AG_CURVES = {
 
 def scale_figures(runs: Sequence[RunResult]) -> Built:
     """Per model: each method's Score vs the number of edits, a panel per dataset (and edit range) with runs
-    at two or more scales (Figs. 3-4); and per such panel, Reliability / Generality / Locality AG vs edits."""
-    plain = [r for r in runs if not r.is_variant and r.method != UNEDITED]
-
-    def series(r: RunResult) -> tuple:
-        return (r.model, r.dataset, r.edits, r.edit_range)
-
-    panels: dict[str, list[list[RunResult]]] = {}
-    for key in sorted({series(r) for r in plain}, key=str):
-        rows = sorted((r for r in plain if series(r) == key), key=lambda r: r.run)
-        if len({r.n_edits for r in rows}) >= 2:
-            panels.setdefault(key[0], []).append(rows)
+    at two or more scales (Figs. 3-4); and per such panel, Reliability / Generality / Locality AG vs edits.
+    One run per method and scale, chosen as :mod:`meg_harness.report.scales` says."""
+    panels: dict[str, list[ScaleCurves]] = {}
+    for curve in scale_curves(runs):
+        if len(curve.scales) >= 2 and curve.methods(with_unedited=False):
+            panels.setdefault(curve.model, []).append(curve)
     outputs = []
-    for model, datasets in panels.items():
-        png = _draw(_scale_panels, datasets, panels=len(datasets))
-        names = ", ".join(rows[0].dataset for rows in datasets)
+    for model, curves in panels.items():
+        png = _draw(_scale_panels, curves, panels=len(curves))
+        names = ", ".join(curve.dataset for curve in curves)
         outputs.append(
             Output(
                 f"score_vs_scale_{file_part(model)}.png", png, f"Score vs number of edits: {model} ({names})"
             )
         )
-        for rows in datasets:
-            first = rows[0]
-            png = _draw(_ag_panels, rows, panels=len(AG_CURVES))
-            where = f"{file_part(first.dataset)}_{file_part(model)}{range_file_part(first.edit_range)}"
-            name = f"ag_vs_scale_{where}"
-            title = f"Reliability / Generality / Locality AG vs number of edits: {first.dataset} · {model}"
-            outputs.append(Output(f"{name}.png", png, title + (f" · {first.edits}" if first.edits else "")))
+        for curve in curves:
+            png = _draw(_ag_panels, curve, panels=len(AG_CURVES))
+            where = f"{file_part(curve.dataset)}_{file_part(model)}{range_file_part(curve.edit_range)}"
+            title = f"Reliability / Generality / Locality AG vs number of edits: {curve.dataset} · {model}"
+            outputs.append(
+                Output(f"ag_vs_scale_{where}.png", png, title + (f" · {curve.edits}" if curve.edits else ""))
+            )
     return outputs or [Skipped(SCALE, "no model × dataset with run results at two or more edit scales")]
 
 
-def _scale_panels(axes, datasets: Sequence[Sequence[RunResult]]) -> None:
-    for panel, rows in zip(axes if isinstance(axes, list) else [axes], datasets):
-        _scale_plot(panel, rows[0].model, rows[0].dataset, rows)
+def _scale_panels(axes, curves: Sequence[ScaleCurves]) -> None:
+    for panel, curve in zip(axes if isinstance(axes, list) else [axes], curves):
+        _scale_plot(panel, curve)
 
 
-def _points(rows: Sequence[RunResult], method: str) -> dict[int, RunResult]:
-    """One run per scale of ``method`` (the first, by run folder)."""
-    points: dict[int, RunResult] = {}
-    for row in rows:
-        if row.method == method:
-            points.setdefault(row.n_edits, row)
-    return points
-
-
-def _ag_panels(axes, rows: Sequence[RunResult]) -> None:
-    scales = sorted({r.n_edits for r in rows})
+def _ag_panels(axes, curve: ScaleCurves) -> None:
+    scales = curve.scales
     for panel, (key, label) in zip(axes, AG_CURVES.items()):
-        for method, color in zip(
-            sorted({r.method for r in rows}), itertools.cycle(f"C{i}" for i in range(10))
-        ):
-            points = _points(rows, method)
+        methods = curve.methods(with_unedited=False)
+        for method, color in zip(methods, itertools.cycle(f"C{i}" for i in range(10))):
+            points = curve.points[method]
             xs = sorted(points)
             panel.plot(xs, [points[n].values[key] for n in xs], marker="o", color=color, label=method)
         panel.set_xscale("log", base=2)
@@ -127,7 +112,7 @@ def _ag_panels(axes, rows: Sequence[RunResult]) -> None:
         panel.set_xlabel("number of edits")
         panel.set_ylabel(f"{label} (%)")
         panel.set_ylim(0, 100)
-        panel.set_title(f"{rows[0].model} · {rows[0].dataset}: {label}")
+        panel.set_title(f"{curve.model} · {curve.dataset}: {label}")
         panel.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
 
@@ -141,18 +126,18 @@ def _paper_scores(model: str, dataset: str, method: str) -> list[tuple[int, floa
     return sorted(points.items())
 
 
-def _scale_plot(axes, model: str, dataset: str, rows: Sequence[RunResult]) -> None:
+def _scale_plot(axes, curve: ScaleCurves) -> None:
     colors = itertools.cycle(f"C{i}" for i in range(10))
     scales: set[int] = set()
-    for method in sorted({r.method for r in rows}):
-        points = _points(rows, method)
+    for method in curve.methods(with_unedited=False):
+        points = curve.points[method]
         xs = sorted(points)
         ys = [points[n].values["score"] for n in xs]
         errors = [0.0 if math.isnan(points[n].stds["score"]) else points[n].stds["score"] for n in xs]
         color = next(colors)
         axes.errorbar(xs, ys, yerr=errors, marker="o", color=color, capsize=3, label=method)
         scales.update(xs)
-        published = _paper_scores(model, dataset, method)
+        published = _paper_scores(curve.model, curve.dataset, method)
         if published:
             axes.plot(
                 *zip(*published),
@@ -169,7 +154,7 @@ def _scale_plot(axes, model: str, dataset: str, rows: Sequence[RunResult]) -> No
     axes.set_xlabel("number of edits")
     axes.set_ylabel("Score (%)")
     axes.set_ylim(0, 100)
-    axes.set_title(f"{model} · {dataset}: Score vs edit scale")
+    axes.set_title(f"{curve.model} · {curve.dataset}: Score vs edit scale")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
 

@@ -26,6 +26,7 @@ from meg_harness.report.lmeval_results import EvalResult, collect_eval_results, 
 from meg_harness.report.meg_stages import meg_stage_tables
 from meg_harness.report.outputs import Built, Output, Skipped
 from meg_harness.report.runs import RunResult, collect_runs
+from meg_harness.report.scale_leaderboard import scale_leaderboards
 from meg_harness.report.sweeps import LayerSweep, collect_sweeps
 
 INDEX = "index.md"
@@ -48,6 +49,7 @@ BUILDERS: tuple[Callable[[Inputs], Built], ...] = (
     lambda i: mquake_tables(i.evals),
     lambda i: alphaedit_tables(i.runs),
     lambda i: scale_figures(i.runs),
+    lambda i: scale_leaderboards(i.runs),
     lambda i: meg_stage_tables(i.runs),
     lambda i: cost_tables(i.runs),
     lambda i: layer_figures(i.sweeps),
