@@ -51,11 +51,13 @@ def _lm_eval(root: Path, name: str, model: str, model_args, results: dict, **con
     folder.mkdir(parents=True)
     path = folder / "results_2026-01-01T00-00-00.000000.json"
     shots, chat = config.pop("n_shot", {}), config.pop("chat_template", None)
+    documents = config.pop("n_samples", {})  # task -> (scored, in the task), as lm-eval's n-samples
     record = {
         "results": results,
         "config": {"model": model, "model_args": model_args, **config},
         "n-shot": shots,
         "chat_template": chat,
+        "n-samples": {t: {"original": total, "effective": n} for t, (n, total) in documents.items()},
     }
     path.write_text(json.dumps(record))
     return path
@@ -239,6 +241,39 @@ def test_general_table_of_a_small_model_shows_the_loglikelihood_formulation(tmp_
     assert "| GSM8K (paper prompt, generated answer, 0-shot) | 0.00 |" in general
     assert "(0.13B parameters): below 1B parameters lm-eval's loglikelihood" in general
     assert "mmlu_mc_local acc,none" in general and "mmlu_meg_local" not in general
+
+
+def test_general_rows_compare_only_results_over_equally_many_documents(tmp_path):
+    """A subset run (``--limit``/``--samples``) is labelled with its size, and a 3-document unedited run does
+    not stand in the row of 27-document edited runs."""
+    artifact = _seed(tmp_path, "cf256", "memit", 0, [90, 90, 50, 50, 20, 90, 40], n_edits=256) / "artifact"
+    artifact.mkdir()
+    bbh = "bbh_meg_local"
+    _lm_eval(
+        tmp_path,
+        "base3",
+        "edited",
+        "pretrained=smollm2-135m",
+        {bbh: {"exact_match,none": 1 / 3}},
+        n_samples={bbh: (3, 6511)},
+    )
+    _lm_eval(
+        tmp_path,
+        "base27",
+        "edited",
+        "pretrained=smollm2-135m",
+        {bbh: {"exact_match,none": 3 / 27}},
+        n_samples={bbh: (27, 6511)},
+    )
+    edited = {"pretrained": "smollm2-135m", "delta": str(artifact)}
+    _lm_eval(
+        tmp_path, "memit", "edited", edited, {bbh: {"exact_match,none": 2 / 27}}, n_samples={bbh: (27, 6511)}
+    )
+    write_tables(tmp_path, tmp_path / "out")
+    general = (tmp_path / "out" / "general_smollm2-135m.md").read_text()
+    row = "| BBH (paper prompt, generated answer, 3-shot, 27 of 6511 documents) | 11.11 | **7.41** |"
+    assert row in general, general
+    assert "33.33" not in general
 
 
 def test_native_mquake_and_unke_runs_feed_tables_17_and_18_not_the_leaderboard(tmp_path):

@@ -11,6 +11,8 @@ or lm-eval's own ``mmlu``/``rte``/``sst2``). Per model and benchmark it shows on
 its formulation and shots: for models under :data:`SMALL_MODEL_PARAMETERS` the loglikelihood one (their
 generated answers are at or below chance: measured on SmolLM2-135M, ``results/lm_eval_general/``), for
 larger ones the paper's (comparable with its published numbers); the other when only it was measured.
+A result over part of a task's documents (lm-eval's ``--limit`` or ``--samples``, recorded in its
+``n-samples``) shares a row only with results over equally many documents, and the row says how many.
 """
 
 from __future__ import annotations
@@ -138,9 +140,19 @@ def task_columns(task: str, columns: Sequence[str]) -> Extract:
     return extract
 
 
-def column_key(benchmark: str, formulation: str, shots: int) -> str:
-    """A Table 3 column of one benchmark in one formulation and shot count, e.g. ``mmlu|loglikelihood|0``."""
-    return f"{benchmark}|{formulation}|{shots}"
+ALL_DOCUMENTS = "all"
+
+
+def column_key(benchmark: str, formulation: str, shots: int, documents: str = ALL_DOCUMENTS) -> str:
+    """A Table 3 column of one benchmark in one formulation, shot count and number of documents, e.g.
+    ``mmlu|loglikelihood|0|all`` or ``bbh|generation|3|27/6511`` (27 of the task's 6511 documents scored):
+    only results over equally many documents share a row."""
+    return f"{benchmark}|{formulation}|{shots}|{documents}"
+
+
+def _documents(result: EvalResult, task: str) -> str:
+    scored, total = result.documents.get(task, (0, 0))
+    return f"{scored}/{total}" if 0 < scored < total else ALL_DOCUMENTS
 
 
 def benchmark_columns(result: EvalResult) -> dict[str, tuple[float, str]]:
@@ -156,7 +168,8 @@ def benchmark_columns(result: EvalResult) -> dict[str, tuple[float, str]]:
                     own = task.endswith(("_meg", "_meg_local"))
                     shots = PAPER_PROMPT_SHOTS[benchmark] if own else int(result.n_shot.get(task, 0))
                     chat = formulation == GENERATION and result.chat_template
-                    key = column_key(benchmark, CHAT if chat else formulation, shots)
+                    kind = CHAT if chat else formulation
+                    key = column_key(benchmark, kind, shots, _documents(result, task))
                     found[key] = (_percent(metrics[metric]), f"{task} {metric}")
                     break
     return found
@@ -174,18 +187,24 @@ def choose_formulations(rows: Sequence[EvalRow], parameters: int | None) -> dict
         if not present:
             continue
 
-        def rank(key: str) -> tuple[int, int, int]:
-            _, formulation, shots = key.split("|")
-            return (order.index(formulation), -sum(key in r.values for r in rows), int(shots))
+        def rank(key: str) -> tuple[int, int, int, bool]:
+            _, formulation, shots, documents = key.split("|")
+            complete = documents == ALL_DOCUMENTS
+            return (order.index(formulation), -sum(key in r.values for r in rows), int(shots), not complete)
 
         chosen[benchmark] = min(present, key=rank)
     return chosen
 
 
 def formulation_label(key: str) -> str:
-    """``loglikelihood, 0-shot`` for :func:`column_key` ``mmlu|loglikelihood|0``."""
-    _, formulation, shots = key.split("|")
-    return f"{FORMULATION_TITLES[formulation]}, {shots}-shot"
+    """``loglikelihood, 0-shot`` for :func:`column_key` ``mmlu|loglikelihood|0|all``; ``paper prompt,
+    generated answer, 3-shot, 27 of 6511 documents`` for ``bbh|generation|3|27/6511``."""
+    _, formulation, shots, documents = key.split("|")
+    label = f"{FORMULATION_TITLES[formulation]}, {shots}-shot"
+    if documents != ALL_DOCUMENTS:
+        scored, total = documents.split("/")
+        label += f", {scored} of {total} documents"
+    return label
 
 
 def _sources_note(rows: Sequence[EvalRow], titles: Mapping[str, str]) -> str:

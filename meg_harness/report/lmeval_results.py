@@ -44,6 +44,7 @@ class EvalResult:
     n_shot: Mapping[str, int] = field(default_factory=dict)  # task -> lm-eval's few-shot count
     chat_template: bool = False  # the prompts went through the model's chat template (--apply_chat_template)
     edits: str = ""  # the run's data file and index range, e.g. "MQuAKE-hard.json [300, 429)"; "" if unknown
+    documents: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # task -> (scored, in the task)
 
 
 def parse_model_args(value: Any, path: Path) -> dict[str, str]:
@@ -92,7 +93,22 @@ def _read(directory: Path, path: Path) -> EvalResult:
         {str(k): int(v) for k, v in shots.items() if isinstance(v, int) and not isinstance(v, bool)},
         bool(data.get("chat_template")),
         edits,
+        _documents(data.get("n-samples")),
     )
+
+
+def _documents(recorded: Any) -> dict[str, tuple[int, int]]:
+    """lm-eval's ``n-samples`` (task -> {original, effective}) as task -> (documents scored, in the task);
+    ``--limit`` and ``--samples`` make the first smaller."""
+    if not isinstance(recorded, dict):
+        return {}
+    found = {}
+    for task, counts in recorded.items():
+        if isinstance(counts, dict):
+            scored, total = counts.get("effective"), counts.get("original")
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in (scored, total)):
+                found[str(task)] = (scored, total)
+    return found
 
 
 def native_eval_results(directory: Path, skip: Sequence[Path] = ()) -> list[EvalResult]:
