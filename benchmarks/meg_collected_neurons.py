@@ -23,6 +23,7 @@ from meg_harness.meg.hparams import MEGHyperParams
 from meg_harness.meg.neuron import NeuronEdited
 from meg_harness.models.loading import load_model, model_fingerprint
 from meg_harness.prompts import get_template
+from meg_harness.report.meg_stages import stage_numbers
 from meg_harness.runner import run_cases
 
 
@@ -54,20 +55,19 @@ def main() -> None:
     labels = evaluator.locality_labels(Edited(model, tokenizer), cases, model_fingerprint(model))
     metrics, _ = evaluator.evaluate(oracle, cases, labels)
 
-    items = [json.loads(line) for line in (seed_folder / "items.jsonl").read_text().splitlines() if line]
-    rephrases = [i for i in items if i["kind"] == "rephrase"]
-    routed = [i for i in rephrases if i["routed"]]
-    print(f"{args.run_dir} {args.method} seed {args.seed}: {len(cases)} cases, {len(rephrases)} rephrases")
+    stages = stage_numbers(seed_folder)  # the run's routing, from its items.jsonl
+    rephrases = run["counts"]["rephrase"]
+    routed = round(rephrases * stages.routed["rephrase"] / 100.0)
+    print(f"{args.run_dir} {args.method} seed {args.seed}: {len(cases)} cases, {rephrases} rephrases")
     print(f"collected neurons exact on their edit prompt: {100.0 * collection.success_rate:.2f}%")
     print(
         f"collected neurons (every rephrase routed): Rel AG {metrics['reliability_ag']:.2f}  "
         f"Gen AG {metrics['generality_ag']:.2f}  Gen TF {metrics['generality_tf']:.2f}"
     )
-    run_if_routed = 100.0 * sum(i["ag"] for i in routed) / max(1, len(routed))
     print(
         f"the run (generated neurons, its routing): Rel AG {run['reliability_ag']:.2f}  "
         f"Gen AG {run['generality_ag']:.2f}  Gen TF {run['generality_tf']:.2f}  "
-        f"Gen AG if routed {run_if_routed:.2f} ({len(routed)} routed)"
+        f"Gen AG if routed {stages.ag_if_routed['rephrase']:.2f} ({routed} routed)"
     )
 
 

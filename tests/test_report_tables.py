@@ -249,22 +249,12 @@ def test_general_rows_compare_only_results_over_equally_many_documents(tmp_path)
     artifact = _seed(tmp_path, "cf256", "memit", 0, [90, 90, 50, 50, 20, 90, 40], n_edits=256) / "artifact"
     artifact.mkdir()
     bbh = "bbh_meg_local"
-    _lm_eval(
-        tmp_path,
-        "base3",
-        "edited",
-        "pretrained=smollm2-135m",
-        {bbh: {"exact_match,none": 1 / 3}},
-        n_samples={bbh: (3, 6511)},
-    )
-    _lm_eval(
-        tmp_path,
-        "base27",
-        "edited",
-        "pretrained=smollm2-135m",
-        {bbh: {"exact_match,none": 3 / 27}},
-        n_samples={bbh: (27, 6511)},
-    )
+    for documents, hits in ((3, 1), (27, 3)):  # two unedited runs: 1 of 3 and 3 of 27 documents right
+        results = {bbh: {"exact_match,none": hits / documents}}
+        unedited = "pretrained=smollm2-135m"
+        _lm_eval(
+            tmp_path, f"base{documents}", "edited", unedited, results, n_samples={bbh: (documents, 6511)}
+        )
     edited = {"pretrained": "smollm2-135m", "delta": str(artifact)}
     _lm_eval(
         tmp_path, "memit", "edited", edited, {bbh: {"exact_match,none": 2 / 27}}, n_samples={bbh: (27, 6511)}

@@ -132,15 +132,17 @@ def scale_series(
     such series sorted by number of edits, each with ``measure`` of its seed folders; a run is left out
     when it has no seed folders or ``keep`` rejects its measurements."""
 
-    def series(run: RunResult) -> tuple:
-        return run.model, run.dataset, run.edits  # ``edits`` names the file and the range
-
     measured = []
-    for run in sorted((r for r in runs if r.seed_folders), key=lambda r: (series(r), r.n_edits)):
+    for run in sorted((r for r in runs if r.seed_folders), key=lambda r: (series_key(r), r.n_edits)):
         seeds = [measure(folder) for folder in run.seed_folders]
         if keep(seeds):
             measured.append((run, seeds))
-    return [list(rows) for _, rows in itertools.groupby(measured, lambda m: series(m[0]))]
+    return [list(rows) for _, rows in itertools.groupby(measured, lambda m: series_key(m[0]))]
+
+
+def series_key(run: RunResult) -> tuple[str, str, str]:
+    """What runs comparable across edit scales share: model, dataset, and edits (file and index range)."""
+    return run.model, run.dataset, run.edits
 
 
 def visible_files(directory: Path, name: str, skip: Sequence[Path] = ()) -> list[Path]:

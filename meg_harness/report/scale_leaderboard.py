@@ -58,7 +58,7 @@ def _section(curve: ScaleCurves) -> list[str]:
         ags.append([method, *(_ag_cell(by_scale.get(n)) for n in scales)])
     header = ["Method", *(str(n) for n in scales)]
     title = " · ".join(part for part in (curve.model, curve.dataset, curve.edits) if part)
-    runs = "; ".join(f"{n}: {', '.join(_run_folders(curve, n))}" for n in scales)
+    runs = "; ".join(f"{n}: {', '.join(sorted({run.run for run in at_scale[n]}))}" for n in scales)
     tables = [
         "Score by number of edits:",
         "",
@@ -84,7 +84,3 @@ def _ag_cell(run: RunResult | None) -> str:
     if run is None:
         return "–"
     return " / ".join(format_cell(run.values[key]) for key in AG_KEYS)
-
-
-def _run_folders(curve: ScaleCurves, n: int) -> list[str]:
-    return sorted({by_scale[n].run for by_scale in curve.points.values() if n in by_scale})

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from meg_harness.report.results import UNEDITED
-from meg_harness.report.runs import RunResult
+from meg_harness.report.runs import RunResult, series_key
 
 SCALE_FOLDER = re.compile(r"^n\d+$")
 
@@ -52,16 +52,13 @@ def scale_curves(runs: Sequence[RunResult]) -> list[ScaleCurves]:
     """Every series of the methods' runs (variants such as ``meg@no-fn`` left out), sorted by model,
     dataset and edits."""
 
-    def series(r: RunResult) -> tuple:
-        return r.model, r.dataset, r.edits, r.edit_range
-
     plain = [r for r in runs if not r.is_variant]
     curves = []
-    for key in sorted({series(r) for r in plain}, key=str):
-        rows = [r for r in plain if series(r) == key]
+    for key in sorted({series_key(r) for r in plain}):
+        rows = [r for r in plain if series_key(r) == key]
         methods = {r.method for r in rows}
         points = {method: _choose([r for r in rows if r.method == method]) for method in methods}
-        curves.append(ScaleCurves(*key, points))
+        curves.append(ScaleCurves(*key, rows[0].edit_range, points))
     return curves
 
 
